@@ -1,0 +1,196 @@
+"""One experiment: load the target and draft, generate for every prompt, write the results.
+
+Files written into the workdir:
+  config.json        the resolved config
+  generations.jsonl  one line per prompt, flushed as the prompt finishes
+  results.json       summary figures (see `summarize`)
+"""
+
+import collections
+import json
+import pathlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+
+from spac_jax import validation
+from spac_jax.data.prompts import Prompt, load_prompts
+from spac_jax.data.tokenizer import ByteTokenizer
+from spac_jax.decoding.draft import DeviceModel
+from spac_jax.decoding.generate import Generation, Generator
+from spac_jax.decoding.target import OffloadedTarget, expert_sharding_fn
+from spac_jax.models import checkpoint
+from spac_jax.offload import memory
+
+
+class CompileTimer:
+  """Context manager summing XLA backend compilations reported through jax.monitoring."""
+
+  EVENT = '/jax/core/compile/backend_compile_duration'
+
+  def __init__(self):
+    self.seconds = 0.0
+    self.count = 0
+
+  def __enter__(self) -> 'CompileTimer':
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+  def _on_event(self, event: str, duration: float, **kwargs) -> None:
+    del kwargs
+    if event == self.EVENT:
+      self.seconds += duration
+      self.count += 1
+
+
+def prepare_prompt(prompt: Prompt, tokenizer: ByteTokenizer, max_len: int, overlong: str
+                   ) -> tuple[list[int], bool]:
+  """Tokenise a prompt; if it is longer than max_len, keep its end or raise.
+
+  Returns:
+    Token ids (BOS first) and whether they were truncated.
+  """
+  ids = tokenizer.encode(prompt.text)
+  if len(ids) <= max_len:
+    return ids, False
+  if overlong == 'reject':
+    raise ValueError(f'Prompt {prompt.id} has {len(ids)} tokens, more than the {max_len} that '
+                     'fit the context with max_new_tokens and draft_len; shorten it, lower '
+                     "config.data.max_new_tokens, or set config.data.overlong_prompts='truncate'.")
+  return [tokenizer.bos_id] + ids[len(ids) - max_len + 1:], True
+
+
+def summarize(generations: list[Generation], target: OffloadedTarget, speculative: bool
+              ) -> dict:
+  """Headline figures over all prompts.
+
+  tokens_per_second counts every output token over the whole generation time (prefill
+  included); time_per_output_token_ms excludes the first token and its prefill.
+  """
+  output_tokens = sum(len(g.tokens) for g in generations)
+  total_s = sum(g.total_time_s for g in generations)
+  decode_s = sum(g.total_time_s - g.time_to_first_token_s for g in generations)
+  decode_tokens = sum(len(g.tokens) - 1 for g in generations)
+  accepted = [length for g in generations for length in g.accepted_lengths]
+  proposed = sum(g.proposed_draft_tokens for g in generations)
+  results = {
+      'num_prompts': len(generations),
+      'output_tokens': output_tokens,
+      'tokens_per_second': output_tokens / total_s if total_s else 0.0,
+      'time_per_output_token_ms': 1e3 * decode_s / decode_tokens if decode_tokens else None,
+      'time_to_first_token_ms': 1e3 * float(np.mean([g.time_to_first_token_s
+                                                     for g in generations])),
+      'mean_accepted_length': float(np.mean(accepted)) if accepted else None,
+      'acceptance_rate': (sum(g.accepted_draft_tokens for g in generations) / proposed
+                          if speculative and proposed else None),
+      'target_passes': len(accepted),
+      'stop_reasons': dict(collections.Counter(g.stop_reason for g in generations)),
+  }
+  results.update(target.stats.summary())
+  results['host_to_device_bytes_per_token'] = (results['host_to_device_bytes'] / output_tokens
+                                               if output_tokens else 0.0)
+  return results
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Run the experiment `config` and write its outputs into `workdir`; return results."""
+  validation.validate(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  device = memory.default_device()
+  logging.info('jax %s, device %s, memory kinds %s', jax.__version__, device,
+               sorted(m.kind for m in device.addressable_memories()))
+
+  tokenizer = ByteTokenizer()
+  speculative = config.decode.mode == 'speculative'
+  target_model = checkpoint.load(config.model.path, expert_sharding_fn)
+  counts = target_model.cfg.param_counts()
+  logging.info('Target %s: %d parameters, %d active per token, %d MoE layers x %d experts '
+               '(top-%d).', config.model.path, counts['total'], counts['active'],
+               target_model.cfg.num_layers, target_model.cfg.num_experts, target_model.cfg.top_k)
+  total_experts = target_model.cfg.num_layers * target_model.cfg.num_experts
+  requested_slots = int(round(config.offload.cache_ratio * total_experts))
+  draft = None
+  if speculative:
+    draft_model = checkpoint.load(config.draft.path)
+    if draft_model.cfg.vocab_size != target_model.cfg.vocab_size:
+      raise validation.ConfigError(
+          f'Draft vocabulary ({draft_model.cfg.vocab_size}) differs from the target '
+          f'({target_model.cfg.vocab_size}); use a draft trained with the same tokenizer.')
+    logging.info('Draft %s: %d parameters.', config.draft.path,
+                 draft_model.cfg.param_counts()['total'])
+    draft = DeviceModel(draft_model)
+
+  prompts = load_prompts(config.data.source, config.data.num_prompts, config.data.path or None)
+  max_seq_len = min(target_model.cfg.max_seq_len,
+                    draft.cfg.max_seq_len if draft else target_model.cfg.max_seq_len)
+
+  def make_generator(target: OffloadedTarget) -> Generator:
+    return Generator(target, max_seq_len, tokenizer.eos_id, tokenizer.pad_id,
+                     config.data.max_new_tokens, draft,
+                     config.decode.draft_len if speculative else 0)
+
+  # Warm-up on the first prompt compiles the common programs; a fresh target then starts
+  # with an empty cache and zero counters, and keeps the compiled programs.
+  warmup_started = time.perf_counter()
+  warmup_target = OffloadedTarget(target_model, config.offload.policy, requested_slots)
+  generator = make_generator(warmup_target)
+  if generator.max_prompt_len() < 2:
+    raise validation.ConfigError(
+        f'config.data.max_new_tokens={config.data.max_new_tokens} plus draft_len leaves no '
+        f'room for a prompt in the {max_seq_len}-token context; lower max_new_tokens.')
+  generator.generate(prepare_prompt(prompts[0], tokenizer, generator.max_prompt_len(),
+                                    'truncate')[0])
+  warmup_target.policy.close()
+  warmup_s = time.perf_counter() - warmup_started
+
+  target = OffloadedTarget(target_model, config.offload.policy, requested_slots)
+  generator = make_generator(target)
+  logging.info('Policy %s, %d of %d experts fit the device cache (%.1f MiB); mode %s, '
+               'draft_len %d; %d prompts from %s; warm-up %.1f s.', config.offload.policy,
+               target.cache.num_slots, total_experts,
+               target.cache.num_slots * target.store.bytes_per_expert / 2**20,
+               config.decode.mode, generator.draft_len, len(prompts), config.data.source,
+               warmup_s)
+
+  generations, truncated = [], 0
+  with CompileTimer() as compile_timer, open(workdir / 'generations.jsonl', 'w') as out:
+    for prompt in tqdm.tqdm(prompts, desc='prompts', unit='prompt'):
+      ids, was_truncated = prepare_prompt(prompt, tokenizer, generator.max_prompt_len(),
+                                          config.data.overlong_prompts)
+      if was_truncated:
+        truncated += 1
+        logging.warning('Prompt %s truncated to its last %d tokens.', prompt.id, len(ids))
+      generation = generator.generate(ids)
+      generations.append(generation)
+      record = {'id': prompt.id, 'prompt': prompt.text,
+                'output': tokenizer.decode(generation.tokens), 'output_ids': generation.tokens,
+                'accepted_lengths': generation.accepted_lengths,
+                'prompt_tokens': len(ids), 'truncated': was_truncated,
+                'stop_reason': generation.stop_reason}
+      out.write(json.dumps(record) + '\n')
+      out.flush()
+  target.policy.close()
+
+  results = summarize(generations, target, speculative)
+  results.update({'policy': config.offload.policy, 'mode': config.decode.mode,
+                  'draft_len': generator.draft_len, 'cache_slots': target.cache.num_slots,
+                  'total_experts': total_experts, 'truncated_prompts': truncated,
+                  'warmup_s': warmup_s, 'compile_s_during_run': compile_timer.seconds,
+                  'compiles_during_run': compile_timer.count, 'device': str(device)})
+  (workdir / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
+  logging.info('Done: %d tokens, %.1f tokens/s, TPOT %.2f ms, accepted length %s, hit rate '
+               '%.3f, CPU expert share %.3f, %.1f MiB host to device. Results in %s.',
+               results['output_tokens'], results['tokens_per_second'],
+               results['time_per_output_token_ms'] or 0.0, results['mean_accepted_length'],
+               results['expert_hit_rate'], results['cpu_expert_fraction'],
+               results['host_to_device_bytes'] / 2**20, workdir / 'results.json')
+  return results

@@ -1,0 +1,47 @@
+"""Run one experiment from an ml_collections config file.
+
+  python -m spac_jax.launch --config=configs/default.py --workdir=runs/default \\
+      [--config.offload.policy=on_demand] [--config.decode.draft_len=8] ...
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from spac_jax import experiment, validation
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for config.json, generations.jsonl '
+                               'and results.json.')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parse flags, turning an unknown config override into a one-line error."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:
+    overrides = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.')]
+    sys.exit(f'Error: unknown config field {error} in overrides {overrides}. Check the '
+             'spelling against the config file (fields are printed in config.json of a run).')
+  except flags.Error as error:
+    sys.exit(f'Error: {error}')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/default.py.')
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required, e.g. --workdir=runs/default.')
+  logging.info('Config:\n%s', _CONFIG.value)
+  try:
+    experiment.run(_CONFIG.value, _WORKDIR.value)
+  except (validation.ConfigError, FileNotFoundError, ValueError) as error:
+    logging.error('%s', error)
+    sys.exit(f'Error: {error}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

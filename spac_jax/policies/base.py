@@ -1,0 +1,52 @@
+"""The interface every expert cache policy implements.
+
+The offloaded target calls, for each MoE layer of each forward pass:
+  1. `before_layer(layer, needed)`: the policy may copy experts into the cache (and must
+     return only when those copies are issued); the layer then computes every needed expert
+     that is resident from its cache slot and every other one on the CPU.
+  2. `after_layer(layer, needed)`: the policy may update its state or the cache.
+and after the last layer, `after_pass(counts, window)` with the pass's activation counts.
+"""
+
+import abc
+from typing import ClassVar
+
+import numpy as np
+
+from spac_jax.offload.cache import ExpertCache
+from spac_jax.offload.stats import OffloadStats
+
+
+class CachePolicy(abc.ABC):
+  """Decides which experts are in the device cache."""
+
+  name: ClassVar[str]
+
+  def __init__(self, cache: ExpertCache, stats: OffloadStats):
+    self.cache = cache
+    self.stats = stats
+
+  @classmethod
+  def num_slots(cls, requested_slots: int, total_experts: int) -> int:
+    """Cache slots this policy runs with, given the config's request."""
+    del total_experts
+    return requested_slots
+
+  def load(self, layer: int, expert: int, slot: int) -> None:
+    """Copy an expert into `slot`, counting the bytes against `layer`."""
+    self.stats.host_to_device_bytes[layer] += self.cache.write(slot, layer, expert)
+
+  @abc.abstractmethod
+  def before_layer(self, layer: int, needed: np.ndarray) -> None:
+    """Act before `layer` computes the distinct experts `needed` (int array)."""
+
+  @abc.abstractmethod
+  def after_layer(self, layer: int, needed: np.ndarray) -> None:
+    """Act after `layer` computed."""
+
+  def after_pass(self, counts: np.ndarray, window: int) -> None:
+    """Observe a finished forward pass: counts [L, E] tokens per expert, W tokens."""
+    del counts, window
+
+  def close(self) -> None:
+    """Release threads or other resources."""

@@ -1,0 +1,55 @@
+"""Checks of an experiment config, each failing with the bad value and what to do."""
+
+import pathlib
+
+import ml_collections
+
+from spac_jax.data.prompts import SOURCES
+from spac_jax.policies import POLICIES
+
+MODES = ('autoregressive', 'speculative')
+OVERLONG = ('truncate', 'reject')
+
+
+class ConfigError(ValueError):
+  """An experiment config field has an invalid value."""
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _checkpoint_dir(path: str, field: str) -> None:
+  _require(bool(path), f'config.{field} is empty; set it to a checkpoint directory.')
+  directory = pathlib.Path(path)
+  _require(directory.is_dir(), f'config.{field}={path!r}: checkpoint directory not found. '
+           'Point it at a directory written by spac_jax.train, e.g. checkpoints/embedded/target.')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError on the first invalid field of an experiment config."""
+  decode, offload, data = config.decode, config.offload, config.data
+  _require(decode.mode in MODES,
+           f'config.decode.mode={decode.mode!r} is invalid; choose one of {list(MODES)}.')
+  _require(isinstance(decode.draft_len, int) and decode.draft_len >= 0,
+           f'config.decode.draft_len={decode.draft_len!r} is invalid; it must be an integer '
+           '>= 0 (draft tokens proposed per verification pass).')
+  _require(offload.policy in POLICIES, f'config.offload.policy={offload.policy!r} is unknown; '
+           f'choose one of {sorted(POLICIES)}.')
+  _require(0.0 <= offload.cache_ratio <= 1.0,
+           f'config.offload.cache_ratio={offload.cache_ratio!r} is outside [0, 1]; it is the '
+           'fraction of all routed experts that fit in the device cache.')
+  _require(data.source in SOURCES,
+           f'config.data.source={data.source!r} is unknown; choose one of {list(SOURCES)}.')
+  _require(data.source != 'jsonl' or bool(data.path),
+           "config.data.source='jsonl' needs config.data.path set to a JSONL prompt file.")
+  _require(isinstance(data.max_new_tokens, int) and data.max_new_tokens >= 1,
+           f'config.data.max_new_tokens={data.max_new_tokens!r} is invalid; it must be >= 1.')
+  _require(isinstance(data.num_prompts, int),
+           f'config.data.num_prompts={data.num_prompts!r} must be an integer (<= 0 means all).')
+  _require(data.overlong_prompts in OVERLONG, f'config.data.overlong_prompts='
+           f'{data.overlong_prompts!r} is invalid; choose one of {list(OVERLONG)}.')
+  _checkpoint_dir(config.model.path, 'model.path')
+  if decode.mode == 'speculative':
+    _checkpoint_dir(config.draft.path, 'draft.path')
