@@ -28,7 +28,9 @@ class Generation:
   """Output of one prompt."""
 
   tokens: list[int]  # Generated token ids, EOS included when generated.
-  accepted_lengths: list[int]  # Tokens each target decode pass added (>= 1).
+  # Tokens each target decode pass added to the output: the accepted draft tokens plus the
+  # target's own token, fewer only where EOS or max_new_tokens cut the last pass.
+  accepted_lengths: list[int]
   proposed_draft_tokens: int
   accepted_draft_tokens: int
   time_to_first_token_s: float
@@ -105,17 +107,19 @@ class Generator:
     return bool(result.stop_reason)
 
   def _append(self, result: Generation, new_tokens: list[int]) -> None:
-    """Append tokens, cutting at EOS and at max_new_tokens."""
+    """Append tokens, cutting at EOS and at max_new_tokens, and record how many were kept."""
+    kept = 0
     for token in new_tokens:
       if len(result.tokens) >= self.max_new_tokens or result.tokens[-1] == self.eos_id:
-        return
+        break
       result.tokens.append(int(token))
+      kept += 1
+    result.accepted_lengths.append(kept)
 
   def _autoregressive_loop(self, result: Generation, position: int) -> None:
     while not self._finished(result, position, 1):
       token = self.target.forward(np.asarray([result.tokens[-1]], np.int32), position, 1)[0]
       position += 1
-      result.accepted_lengths.append(1)
       self._append(result, [token])
 
   def _speculative_loop(self, result: Generation, position: int) -> None:
@@ -143,7 +147,6 @@ class Generator:
         accepted += 1
       result.proposed_draft_tokens += gamma
       result.accepted_draft_tokens += accepted
-      result.accepted_lengths.append(accepted + 1)
       self._append(result, proposals[:accepted] + [int(verified[accepted])])
 
       lagging = proposals[-1] if gamma and accepted == gamma else None
