@@ -13,6 +13,8 @@ import pathlib
 
 import ml_collections
 
+from spac_jax.policies import spac
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -30,8 +32,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.decode.draft_len = 4  # Draft tokens proposed per verification pass.
 
   config.offload = ml_collections.ConfigDict()
-  config.offload.policy = 'lru'  # 'all_on_device', 'on_demand' or 'lru'.
+  config.offload.policy = 'lru'  # 'all_on_device', 'on_demand', 'lru' or 'spac'.
   config.offload.cache_ratio = 0.25  # Device cache slots as a fraction of all routed experts.
+
+  config.spac = spac.default_config()  # Settings of policy 'spac'.
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'humaneval'  # 'humaneval', 'spec_bench' or 'jsonl'.

@@ -25,6 +25,7 @@ from spac_jax.decoding.generate import Generation, Generator
 from spac_jax.decoding.target import OffloadedTarget, expert_sharding_fn
 from spac_jax.models import checkpoint
 from spac_jax.offload import memory
+from spac_jax.policies import PolicyOptions
 
 
 class CompileTimer:
@@ -99,6 +100,30 @@ def summarize(generations: list[Generation], target: OffloadedTarget, speculativ
   return results
 
 
+def _generate_all(prompts: list[Prompt], generator: Generator, tokenizer: ByteTokenizer,
+                  config: ml_collections.ConfigDict, workdir: pathlib.Path
+                  ) -> tuple[list[Generation], int, CompileTimer]:
+  """Generate for every prompt, appending each to generations.jsonl as it finishes."""
+  generations, truncated = [], 0
+  with CompileTimer() as compile_timer, open(workdir / 'generations.jsonl', 'w') as out:
+    for prompt in tqdm.tqdm(prompts, desc='prompts', unit='prompt'):
+      ids, was_truncated = prepare_prompt(prompt, tokenizer, generator.max_prompt_len(),
+                                          config.data.overlong_prompts)
+      if was_truncated:
+        truncated += 1
+        logging.warning('Prompt %s truncated to its last %d tokens.', prompt.id, len(ids))
+      generation = generator.generate(ids)
+      generations.append(generation)
+      record = {'id': prompt.id, 'prompt': prompt.text,
+                'output': tokenizer.decode(generation.tokens), 'output_ids': generation.tokens,
+                'accepted_lengths': generation.accepted_lengths,
+                'prompt_tokens': len(ids), 'truncated': was_truncated,
+                'stop_reason': generation.stop_reason}
+      out.write(json.dumps(record) + '\n')
+      out.flush()
+  return generations, truncated, compile_timer
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Run the experiment `config` and write its outputs into `workdir`; return results."""
   validation.validate(config)
@@ -133,6 +158,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   max_seq_len = min(target_model.cfg.max_seq_len,
                     draft.cfg.max_seq_len if draft else target_model.cfg.max_seq_len)
 
+  options = PolicyOptions(next_window=config.decode.draft_len + 1 if speculative else 1,
+                          spac=config.spac)
+
+  def make_target() -> OffloadedTarget:
+    return OffloadedTarget(target_model, config.offload.policy, requested_slots, options)
+
   def make_generator(target: OffloadedTarget) -> Generator:
     return Generator(target, max_seq_len, tokenizer.eos_id, tokenizer.pad_id,
                      config.data.max_new_tokens, draft,
@@ -141,18 +172,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   # Warm-up on the first prompt compiles the common programs; a fresh target then starts
   # with an empty cache and zero counters, and keeps the compiled programs.
   warmup_started = time.perf_counter()
-  warmup_target = OffloadedTarget(target_model, config.offload.policy, requested_slots)
+  warmup_target = make_target()
   generator = make_generator(warmup_target)
   if generator.max_prompt_len() < 2:
     raise validation.ConfigError(
         f'config.data.max_new_tokens={config.data.max_new_tokens} plus draft_len leaves no '
         f'room for a prompt in the {max_seq_len}-token context; lower max_new_tokens.')
-  generator.generate(prepare_prompt(prompts[0], tokenizer, generator.max_prompt_len(),
-                                    'truncate')[0])
-  warmup_target.policy.close()
+  try:
+    generator.generate(prepare_prompt(prompts[0], tokenizer, generator.max_prompt_len(),
+                                      'truncate')[0])
+  finally:
+    warmup_target.policy.close()
   warmup_s = time.perf_counter() - warmup_started
 
-  target = OffloadedTarget(target_model, config.offload.policy, requested_slots)
+  target = make_target()
   generator = make_generator(target)
   logging.info('Policy %s, %d of %d experts fit the device cache (%.1f MiB); mode %s, '
                'draft_len %d; %d prompts from %s; warm-up %.1f s.', config.offload.policy,
@@ -161,26 +194,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                config.decode.mode, generator.draft_len, len(prompts), config.data.source,
                warmup_s)
 
-  generations, truncated = [], 0
-  with CompileTimer() as compile_timer, open(workdir / 'generations.jsonl', 'w') as out:
-    for prompt in tqdm.tqdm(prompts, desc='prompts', unit='prompt'):
-      ids, was_truncated = prepare_prompt(prompt, tokenizer, generator.max_prompt_len(),
-                                          config.data.overlong_prompts)
-      if was_truncated:
-        truncated += 1
-        logging.warning('Prompt %s truncated to its last %d tokens.', prompt.id, len(ids))
-      generation = generator.generate(ids)
-      generations.append(generation)
-      record = {'id': prompt.id, 'prompt': prompt.text,
-                'output': tokenizer.decode(generation.tokens), 'output_ids': generation.tokens,
-                'accepted_lengths': generation.accepted_lengths,
-                'prompt_tokens': len(ids), 'truncated': was_truncated,
-                'stop_reason': generation.stop_reason}
-      out.write(json.dumps(record) + '\n')
-      out.flush()
-  target.policy.close()
+  try:
+    generations, truncated, compile_timer = _generate_all(prompts, generator, tokenizer,
+                                                          config, workdir)
+  finally:
+    target.policy.close()
 
   results = summarize(generations, target, speculative)
+  results.update(target.policy.results())
   results.update({'policy': config.offload.policy, 'mode': config.decode.mode,
                   'draft_len': generator.draft_len, 'cache_slots': target.cache.num_slots,
                   'total_experts': total_experts, 'truncated_prompts': truncated,

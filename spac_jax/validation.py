@@ -6,9 +6,11 @@ import ml_collections
 
 from spac_jax.data.prompts import SOURCES
 from spac_jax.policies import POLICIES
+from spac_jax.scheduling.cost_model import profile_from_config
 
 MODES = ('autoregressive', 'speculative')
 OVERLONG = ('truncate', 'reject')
+COST_MODELS = ('profile', 'measure')
 
 
 class ConfigError(ValueError):
@@ -25,6 +27,22 @@ def _checkpoint_dir(path: str, field: str) -> None:
   directory = pathlib.Path(path)
   _require(directory.is_dir(), f'config.{field}={path!r}: checkpoint directory not found. '
            'Point it at a directory written by spac_jax.train, e.g. checkpoints/embedded/target.')
+
+
+def _validate_spac(spac: ml_collections.ConfigDict) -> None:
+  _require(isinstance(spac.levels, int) and spac.levels >= 1,
+           f'config.spac.levels={spac.levels!r} is invalid; it must be an integer >= 1.')
+  _require(isinstance(spac.transfer_budget, int) and spac.transfer_budget >= -1,
+           f'config.spac.transfer_budget={spac.transfer_budget!r} is invalid; use -1 (the '
+           'cache size) or a number of experts >= 0.')
+  _require(spac.solver_time_limit_ms > 0, f'config.spac.solver_time_limit_ms='
+           f'{spac.solver_time_limit_ms!r} is invalid; it must be > 0.')
+  _require(spac.cost_model in COST_MODELS, f'config.spac.cost_model={spac.cost_model!r} is '
+           f'invalid; choose one of {list(COST_MODELS)}.')
+  try:
+    profile_from_config(spac.profile)
+  except (TypeError, ValueError) as error:
+    raise ConfigError(f'config.spac.profile is invalid: {error}') from error
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -50,6 +68,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'config.data.num_prompts={data.num_prompts!r} must be an integer (<= 0 means all).')
   _require(data.overlong_prompts in OVERLONG, f'config.data.overlong_prompts='
            f'{data.overlong_prompts!r} is invalid; choose one of {list(OVERLONG)}.')
+  _validate_spac(config.spac)
   _checkpoint_dir(config.model.path, 'model.path')
   if decode.mode == 'speculative':
     _checkpoint_dir(config.draft.path, 'draft.path')

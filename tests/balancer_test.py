@@ -17,9 +17,9 @@ def brute_force_optimum(cost: CostModel, tokens: np.ndarray, resident: np.ndarra
                         capacity: int, transfer_budget: int) -> float:
   """Minimise the pass time over every binary residency of every expert.
 
-  Written from the cost definition, per expert, and shares no code with the balancer: a
-  layer takes max(device side, CPU side); kept used experts cost device time plus a transfer
-  when not resident; dropped used experts cost CPU time; unused experts cost nothing.
+  Written from the cost definition, per expert, and shares no code with the balancer. A
+  layer takes max(device side, CPU side). Kept used experts cost device time, plus a transfer
+  when not resident. Dropped used experts cost CPU time, and unused experts cost nothing.
   """
   num_layers, num_experts = tokens.shape
   masks = np.array(list(itertools.product([False, True], repeat=tokens.size)))

@@ -37,14 +37,14 @@ def reference_tokens(models):
   return generate(models['reference']).tokens
 
 
-@pytest.mark.parametrize('policy', ['all_on_device', 'on_demand', 'lru'])
+@pytest.mark.parametrize('policy', ['all_on_device', 'on_demand', 'lru', 'spac'])
 @pytest.mark.parametrize('slots', [0, 3, TOTAL_EXPERTS])
 def test_offloaded_autoregressive_matches_reference(models, reference_tokens, policy, slots):
   target = OffloadedTarget(models['target'], policy, slots)
   assert generate(target).tokens == reference_tokens
 
 
-@pytest.mark.parametrize('policy', ['all_on_device', 'on_demand', 'lru'])
+@pytest.mark.parametrize('policy', ['all_on_device', 'on_demand', 'lru', 'spac'])
 @pytest.mark.parametrize('slots', [0, 5, TOTAL_EXPERTS])
 @pytest.mark.parametrize('draft_name', ['draft', 'reference'])
 def test_offloaded_speculative_matches_reference(models, reference_tokens, policy, slots,
@@ -66,3 +66,25 @@ def test_lru_counters_add_up(models):
   assert (stats.misses == stats.cpu_experts).all()  # LRU computes every miss on the CPU.
   assert stats.host_to_device_bytes.sum() == target.cache.bytes_written
   assert stats.hits.sum() > 0
+
+
+@pytest.mark.parametrize('cost_model', ['profile', 'measure'])
+def test_spac_prefetches_and_reports(models, cost_model):
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from spac_jax.policies import PolicyOptions  # pylint: disable=import-outside-toplevel
+
+  spac = default.get_config().spac
+  spac.cost_model = cost_model
+  target = OffloadedTarget(models['target'], 'spac', 6, PolicyOptions(next_window=4, spac=spac))
+  try:
+    generate(target, models['draft'], draft_len=3)
+  finally:
+    target.policy.close()
+  results = target.policy.results()
+  assert results['cost_model']['source'] == ('measured' if cost_model == 'measure' else 'profile')
+  assert results['solver_time_ms']['mean'] > 0
+  assert sum(results['solver_calls'].values()) == len(target.policy.solve_times_ms)
+  assert results['prefetches'] <= target.cache.bytes_written // target.store.bytes_per_expert
+  assert len(results['per_layer_threshold_last']) == 2
+  assert target.stats.host_to_device_bytes.sum() == target.cache.bytes_written
+  assert (target.stats.misses == target.stats.cpu_experts).all()  # No critical-path fetch.

@@ -57,12 +57,30 @@ def test_autoregressive_run_has_unit_accepted_length(config, tmp_path):
     ('data.overlong_prompts', 'drop', "overlong_prompts='drop'"),
     ('model.path', '/nonexistent/target', 'checkpoint directory not found'),
     ('draft.path', '/nonexistent/draft', 'draft.path'),
+    ('spac.cost_model', 'guess', "cost_model='guess'"),
+    ('spac.transfer_budget', -5, 'transfer_budget=-5'),
+    ('spac.levels', 0, 'levels=0'),
 ])
 def test_invalid_field_is_named(config, tmp_path, field, value, message):
   section, name = field.split('.')
   config[section][name] = value
   with pytest.raises(validation.ConfigError, match=message):
     experiment.run(config, tmp_path / 'run')
+
+
+def test_invalid_hardware_profile_is_named(config, tmp_path):
+  config.spac.profile.link_gbps = 0.0
+  with pytest.raises(validation.ConfigError, match='link_gbps must be > 0'):
+    experiment.run(config, tmp_path / 'run')
+
+
+def test_spac_run_reports_scheduler_figures(config, tmp_path):
+  config.offload.policy = 'spac'
+  results = experiment.run(config, tmp_path / 'run')
+  for key in ('solver_time_ms', 'prefetches', 'wasted_prefetches', 'transfer_stall_ms',
+              'per_layer_threshold_last'):
+    assert key in results, key
+  assert results['cost_model']['source'] == 'profile'
 
 
 def test_missing_prompt_file(config, tmp_path):

@@ -27,7 +27,7 @@ from spac_jax.models.transformer import Transformer, lm_logits
 from spac_jax.offload import experts, memory
 from spac_jax.offload.cache import ExpertCache, ExpertStacks, HostExpertStore
 from spac_jax.offload.stats import OffloadStats
-from spac_jax.policies import POLICIES, make_policy
+from spac_jax.policies import POLICIES, PolicyOptions, make_policy
 
 EXPERT_NAMES = ('gate', 'up', 'down')
 
@@ -81,7 +81,8 @@ class OffloadedTarget:
     counts: [L, E] activation counts of the most recent forward pass.
   """
 
-  def __init__(self, model: Transformer, policy_name: str, requested_slots: int):
+  def __init__(self, model: Transformer, policy_name: str, requested_slots: int,
+               policy_options: PolicyOptions | None = None):
     cfg = model.cfg
     if not cfg.is_moe:
       raise ValueError('OffloadedTarget needs an MoE model (num_experts > 0).')
@@ -103,7 +104,7 @@ class OffloadedTarget:
     num_slots = POLICIES[policy_name].num_slots(requested_slots, self.store.total_experts)
     self.cache = ExpertCache(self.store, num_slots)
     self.stats = OffloadStats.zeros(cfg.num_layers)
-    self.policy = make_policy(policy_name, self.cache, self.stats)
+    self.policy = make_policy(policy_name, self.cache, self.stats, policy_options)
     self.counts = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)
     self.caches = self.init_caches()
 

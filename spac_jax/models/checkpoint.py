@@ -5,12 +5,14 @@ Layout of a checkpoint directory:
   params/             an orbax StandardCheckpointer tree of the parameters
 """
 
+import contextlib
 import json
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from spac_jax.models.config import ModelConfig
@@ -23,13 +25,24 @@ PARAMS_DIR = 'params'
 ShardingFn = Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding]
 
 
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+  """Raise absl's threshold to WARNING, because orbax logs every step of a save or load."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 def save(model: Transformer, directory: str | pathlib.Path) -> None:
   """Write the model's config and parameters to `directory` (which must not hold params)."""
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
   (directory / CONFIG_FILE).write_text(model.cfg.to_json() + '\n')
   params = nnx.state(model, nnx.Param).to_pure_dict()
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory / PARAMS_DIR, params)
 
 
@@ -65,7 +78,7 @@ def load(directory: str | pathlib.Path, sharding_fn: ShardingFn | None = None
 
   target = jax.tree_util.tree_map_with_path(
       lambda path, leaf: with_sharding(tuple(_key(p) for p in path), leaf), abstract_params)
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(directory / PARAMS_DIR, target)
   params = jax.tree.map(_retype_memory_kind, params)
   nnx.replace_by_pure_dict(abstract_state, params)

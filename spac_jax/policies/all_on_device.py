@@ -15,8 +15,8 @@ class AllOnDevicePolicy(CachePolicy):
     del requested_slots
     return total_experts
 
-  def __init__(self, cache, stats):
-    super().__init__(cache, stats)
+  def __init__(self, cache, stats, options):
+    super().__init__(cache, stats, options)
     store = cache.store
     if cache.num_slots < store.total_experts:
       raise ValueError(f'all_on_device needs {store.total_experts} cache slots, got '

@@ -9,12 +9,22 @@ and after the last layer, `after_pass(counts, window)` with the pass's activatio
 """
 
 import abc
-from typing import ClassVar
+import dataclasses
+from typing import Any, ClassVar
 
+import ml_collections
 import numpy as np
 
 from spac_jax.offload.cache import ExpertCache
 from spac_jax.offload.stats import OffloadStats
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyOptions:
+  """What a policy may need to know about the run beyond the cache."""
+
+  next_window: int = 1  # Tokens of a decode pass: draft_len + 1, or 1 when autoregressive.
+  spac: ml_collections.ConfigDict | None = None  # The `spac` config section.
 
 
 class CachePolicy(abc.ABC):
@@ -22,9 +32,10 @@ class CachePolicy(abc.ABC):
 
   name: ClassVar[str]
 
-  def __init__(self, cache: ExpertCache, stats: OffloadStats):
+  def __init__(self, cache: ExpertCache, stats: OffloadStats, options: PolicyOptions):
     self.cache = cache
     self.stats = stats
+    self.options = options
 
   @classmethod
   def num_slots(cls, requested_slots: int, total_experts: int) -> int:
@@ -47,6 +58,10 @@ class CachePolicy(abc.ABC):
   def after_pass(self, counts: np.ndarray, window: int) -> None:
     """Observe a finished forward pass: counts [L, E] tokens per expert, W tokens."""
     del counts, window
+
+  def results(self) -> dict[str, Any]:
+    """Policy-specific figures for results.json."""
+    return {}
 
   def close(self) -> None:
     """Release threads or other resources."""

@@ -18,8 +18,8 @@ class LRUPolicy(CachePolicy):
 
   name = 'lru'
 
-  def __init__(self, cache, stats):
-    super().__init__(cache, stats)
+  def __init__(self, cache, stats, options):
+    super().__init__(cache, stats, options)
     self.recency: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
 
   def touch(self, layer: int, needed: np.ndarray) -> None:

@@ -22,11 +22,15 @@ Integer program solved with HiGHS:
   4. Decode: keep the first y_g experts (lowest ids) of every group. Resident and
      non-resident experts of a level are separate groups, so the solver keeps the resident
      ones first whenever that saves a transfer.
-Experts with zero predicted tokens are never kept: keeping one saves nothing, and a
+Experts with zero predicted tokens are never kept, because keeping one saves nothing and a
 non-resident one would cost a transfer.
 
 When HiGHS raises, returns a non-optimal status, or reaches its time limit, a greedy
-heuristic (`solve_greedy`) answers instead, so decoding never waits on the solver.
+heuristic (`solve_greedy`) chooses the residency instead, so a failed or slow solve never
+stops decoding.
+
+NOTE: predicted tokens are expectations. An expert with expected tokens > 0 is charged its
+full fixed cost on its side, although it may go unused in the pass.
 """
 
 import dataclasses
@@ -45,10 +49,11 @@ import numpy as np
 # integer value.
 _INTEGER_TOLERANCE = 1e-6
 
-# HiGHS options that cut the solve of the grouped program from about 8 ms to about 0.3 ms for
-# one 128-expert layer (highspy 1.16, 2-core CPU with one core busy; see docs/benchmarks.md).
-# The feasibility-jump heuristic dominated the time. Presolve and symmetry detection find
-# nothing to reduce in a program of a few integers per layer. None of them changes the optimum.
+# HiGHS options for a program of a few integers per layer. With one thread they cut the median
+# one-layer solve() from 2.3 ms to 0.7 ms, and the 48-layer one from 15 ms to 3 ms (highspy
+# 1.16, 2-core CPU with one core busy, benchmarks/balancer_bench.py). The feasibility-jump
+# heuristic took most of that time. Presolve and symmetry detection find nothing to reduce
+# here. None of the three changes the optimum, because mip_rel_gap stays 0.
 _FAST_MIP_OPTIONS = {
     'mip_heuristic_run_feasibility_jump': False,
     'presolve': 'off',
@@ -96,7 +101,7 @@ class BalancerResult:
   threshold_shaped: np.ndarray  # [L] bool, kept set == {level >= thresholds[l]}.
   objective_ms: float  # Predicted pass time of resident_target under the cost model.
   solver: str  # 'highs' or 'greedy'.
-  status: str  # 'optimal', or why the greedy fallback answered.
+  status: str  # 'optimal', or the reason the greedy fallback was used.
   solve_time_ms: float  # Wall time of the whole call: grouping, solve and decoding.
 
 
@@ -174,11 +179,12 @@ class WorkloadBalancer:
       max_level: K, the highest utility level.
       time_limit_s: HiGHS time limit per solve. The default keeps a solve well inside one
         verification pass of a large MoE model.
-      threads: HiGHS worker threads, or None for the HiGHS default. One thread halved the
-        48-layer solve time on a 2-core machine, because the program is too small to split.
-        HiGHS fixes its thread count for the whole process at the first MIP solve. A later
-        instance that asks for another count fails every run, so each solve then falls back
-        to the greedy answer, with a warning in the log.
+      threads: HiGHS worker threads, or None for the HiGHS default. On a 2-core CPU with one
+        core busy, one thread cut the median one-layer solve from 7.7 ms to 0.7 ms, because
+        the second worker waits for the busy core. HiGHS fixes its thread count for the whole
+        process at the first MIP solve. A later instance that requests another count fails
+        every run, so each solve then falls back to the greedy heuristic, with a warning in
+        the log.
       highs_factory: builds the Highs instance.
     """
     if max_level < 1:
@@ -204,7 +210,7 @@ class WorkloadBalancer:
       transfer_budget: most experts copied host to device for this pass.
 
     Returns:
-      The HiGHS optimum, or the greedy answer with the reason in `status`.
+      The HiGHS optimum, or the greedy result with the reason in `status`.
     """
     start = time.perf_counter()
     levels, predicted_tokens, resident = _validate_inputs(
@@ -219,8 +225,9 @@ class WorkloadBalancer:
     if failure is not None:
       keep = _decode(groups, _greedy_counts(groups, levels.shape[0], capacity, transfer_budget),
                      levels.shape)
-      logging.log_every_n_seconds(logging.WARNING, 'Workload balancer used the greedy answer: %s',
-                                  60, failure)
+      logging.log_every_n_seconds(logging.WARNING,
+                                  'Workload balancer fell back to the greedy heuristic: %s', 60,
+                                  failure)
       return _result(self.cost, levels, predicted_tokens, resident, keep, 'greedy',
                      f'greedy fallback: {failure}', self.max_level, start)
     return _result(self.cost, levels, predicted_tokens, resident, keep, 'highs', 'optimal',
@@ -244,7 +251,7 @@ class WorkloadBalancer:
         return np.zeros(0, np.int64), f'HiGHS model status {status_text!r}'
       values = np.asarray(highs.getSolution().col_value[:len(groups.size)])
     except Exception as error:  # pylint: disable=broad-except
-      # Any solver error must leave decoding running, so the greedy answer takes over.
+      # Any solver error must leave decoding running, so the greedy heuristic takes over.
       self._highs = None
       return np.zeros(0, np.int64), f'HiGHS raised {type(error).__name__}: {error}'
 
@@ -468,7 +475,7 @@ def _check_limits(keep: np.ndarray, resident: np.ndarray, capacity: int,
 def _result(cost: CostModel, levels: np.ndarray, predicted_tokens: np.ndarray,
             resident: np.ndarray, keep: np.ndarray, solver: str, status: str,
             max_level: int, start: float) -> BalancerResult:
-  """Derive thresholds from the mask and package the answer."""
+  """Derive the thresholds from the mask and build the result."""
   # One above the highest level with a dropped expert, 0 where the layer keeps every expert.
   thresholds = np.max(np.where(keep, -1, levels), axis=1) + 1
   keep_counts = keep.sum(axis=1)

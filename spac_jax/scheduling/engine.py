@@ -55,7 +55,16 @@ class PrefetchEngine:
   """
 
   def __init__(self, cache: ExpertCache, num_levels: int, num_layers: int,
-               wait_timeout_s: float = 10.0):
+               wait_timeout_s: float = 10.0, bytes_counter: np.ndarray | None = None):
+    """Start the worker.
+
+    Args:
+      cache: the device expert cache to fill.
+      num_levels: K, the highest utility level.
+      num_layers: MoE layers, for the per-layer byte counter.
+      wait_timeout_s: bound on every wait, so a stuck worker raises instead of hanging.
+      bytes_counter: [L] array to add copied bytes to (default: a new one in `stats`).
+    """
     self.cache = cache
     self.num_levels = num_levels  # K: utility levels are 0..K, K + 1 means frozen.
     self.frozen_level = num_levels + 1
@@ -65,7 +74,9 @@ class PrefetchEngine:
     self.slot_level = np.zeros(cache.num_slots, np.int64)
     self.unused_prefetch: set[tuple[int, int]] = set()
     self.unconfirmed: set[tuple[int, int]] = set()  # Copies dispatched, maybe not finished.
-    self.stats = EngineStats(host_to_device_bytes=np.zeros(num_layers, np.int64))
+    if bytes_counter is None:
+      bytes_counter = np.zeros(num_layers, np.int64)
+    self.stats = EngineStats(host_to_device_bytes=bytes_counter)
     self._closed = False
     self._busy = False  # The worker holds a request it has not finished.
     self.error: Exception | None = None  # Set when the worker died.

@@ -15,8 +15,10 @@ Each observation runs these steps, vectorised over all layers and experts:
        `level_quantiles[k - 2]` of the non-zero frequencies seen in the last
        `quantile_window` observations of that layer. The quantile is the lowest frequency
        bin with at least that fraction of samples strictly below it, so tied frequencies
-       share the lower level. Before a layer has any sample the edges are k-1 / K for
-       k >= 2.
+       share the lower level. Levels are therefore relative to the layer's recent demand.
+       When every sample in the window has the same frequency (as after `quantile_window`
+       one-token passes, where every used expert has frequency 1), every used expert gets
+       target level 1. Before a layer has any sample the edges are (k - 1) / K for k >= 2.
      * Fixed edges (calibration off): `count_boundaries` on raw counts, by default
        1, 2, ..., K, which makes the target level min(a, K).
   3. Demand level. The continuous demand level d adds to the target level k the fraction
