@@ -1,9 +1,9 @@
 """Host expert store and the device expert cache.
 
 The store keeps every routed expert of every MoE layer in `pinned_host` memory, stacked per
-layer. The cache is a fixed number of slots in `device` memory shared by all MoE layers; a
-slot holds one (layer, expert) at a time and is overwritten in place by a jitted, donating
-slot write, so no slot write allocates a new cache.
+layer. The cache is a fixed number of slots in `device` memory shared by all MoE layers. A
+slot contains one (layer, expert) at a time. A jitted, donating slot write overwrites it in
+place, so no slot write allocates a new cache.
 """
 
 import dataclasses
@@ -94,13 +94,12 @@ class ExpertCache:
   def is_resident(self, layer: int, expert: int) -> bool:
     return (layer, expert) in self.slot_of
 
-  def resident_mask(self, layer: int) -> np.ndarray:
-    """[E] bool: which experts of `layer` are in the cache."""
-    mask = np.zeros(self.store.num_experts, bool)
+  def residency(self) -> np.ndarray:
+    """[L, E] bool: which experts are in the cache."""
+    mask = np.zeros((self.store.num_layers, self.store.num_experts), bool)
     with self.lock:
-      for (owner_layer, expert) in self.slot_of:
-        if owner_layer == layer:
-          mask[expert] = True
+      for layer, expert in self.slot_of:
+        mask[layer, expert] = True
     return mask
 
   def write(self, slot: int, layer: int, expert: int) -> int:

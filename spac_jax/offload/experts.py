@@ -2,8 +2,8 @@
 
 Both kernels compute, for the M experts in `chosen_experts`, every window token's SwiGLU
 output and sum it with that token's routing weight for the expert (zero when the token did
-not pick it). M is a static bucket (a power of two, see `bucket`) so the kernels compile once
-per (window, bucket) pair; padded entries carry expert id -1, which no token picks.
+not pick it). M is a static bucket (a power of two, see `bucket`), so the kernels compile once
+per (window, bucket) pair. Padded entries carry expert id -1, which no token picks.
 
   * `device_experts` reads the experts from device cache slots.
   * `host_experts` reads them from the `pinned_host` stacks and runs on the host CPU
@@ -72,8 +72,8 @@ def host_experts(host_gate: jax.Array, host_up: jax.Array, host_down: jax.Array,
   Returns:
     The partial output, in `pinned_host` memory.
   """
-  # The [W, M] combine matrix and the clamped indices are tiny, so they are built on the
-  # device and moved over with x; only the expert gather and matmuls run on the host.
+  # The [W, M] combine matrix and the clamped indices are tiny, so the device builds them and
+  # they move over with x. Only the expert gather and matmuls run on the host.
   combine = _combine(weights, expert_ids, chosen_experts)
   index = jnp.maximum(chosen_experts, 0)
   x, combine, index = jax.device_put((x, combine, index), memory.sharding(memory.PINNED_HOST))

@@ -5,8 +5,8 @@ host RAM the accelerator can copy from directly. The memory kind is part of an a
 inside `jit`: an op mixing a `pinned_host` operand with a `device` one is rejected, also on CPU,
 so a forgotten move fails loudly instead of silently copying.
 
-On a CPU-only machine every kind sits in the same RAM: the pipeline runs and is correct, but
-transfer times say nothing about a real host link.
+On a CPU-only machine every kind is in the same RAM. The pipeline runs and is correct, but
+its transfer times tell nothing about a real host link.
 """
 
 import jax

@@ -10,8 +10,8 @@ class OffloadStats:
   """Counters summed over forward passes.
 
   A hit or miss is counted once per distinct expert a layer's window needs in one forward
-  pass, by whether the expert was in the device cache when the layer started (before the
-  policy acted), because one copy or one CPU computation serves every token of the window.
+  pass, because one copy or one CPU computation serves every token of the window. It is a
+  hit when the expert was in the device cache as the layer started, before the policy acted.
   """
 
   hits: np.ndarray  # [L] int

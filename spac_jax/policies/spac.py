@@ -93,10 +93,7 @@ class SpacPolicy(CachePolicy):
   def after_pass(self, counts: np.ndarray, window: int) -> None:
     self.estimator.observe(counts, window)
     levels = self.estimator.levels
-    resident = np.zeros(levels.shape, bool)
-    with self.cache.lock:
-      for layer, expert in self.cache.slot_of:
-        resident[layer, expert] = True
+    resident = self.cache.residency()
     plan = self.balancer.solve(levels, self.estimator.predicted_tokens(self.options.next_window),
                                resident, self.cache.num_slots, self.transfer_budget)
     self.solve_times_ms.append(plan.solve_time_ms)
