@@ -10,22 +10,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from spac_jax import experiment, validation
+from spac_jax.cli import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for config.json, generations.jsonl '
                                'and results.json.')
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """Parse flags, turning an unknown config override into a one-line error."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as error:
-    overrides = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.')]
-    sys.exit(f'Error: unknown config field {error} in overrides {overrides}. Check the '
-             'spelling against the config file (fields are printed in config.json of a run).')
-  except flags.Error as error:
-    sys.exit(f'Error: {error}')
 
 
 def main(argv: list[str]) -> None:
