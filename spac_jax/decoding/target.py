@@ -139,13 +139,13 @@ class OffloadedTarget:
 
   def _moe(self, layer: int, h, x, weights, expert_ids, needed: np.ndarray, window: int):
     """Split the layer's needed experts between cache slots and the CPU, and join."""
-    resident = np.array([self.cache.is_resident(layer, e) for e in needed], bool)
-    self.stats.hits[layer] += int(resident.sum())
-    self.stats.misses[layer] += int((~resident).sum())
-
-    self.policy.before_layer(layer, needed)
+    fetched = self.policy.before_layer(layer, needed)
     with self.cache.lock:
       slots = [self.cache.slot_of.get((layer, int(e)), -1) for e in needed]
+      # A hit is an expert already resident; one the policy fetched just now is a miss.
+      misses = sum(s < 0 for s in slots) + len(fetched)
+      self.stats.misses[layer] += misses
+      self.stats.hits[layer] += len(needed) - misses
       on_device = [(int(e), s) for e, s in zip(needed, slots) if s >= 0]
       on_host = [int(e) for e, s in zip(needed, slots) if s < 0]
       cap = min(window * self.cfg.top_k, self.cfg.num_experts)

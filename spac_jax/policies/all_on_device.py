@@ -26,8 +26,9 @@ class AllOnDevicePolicy(CachePolicy):
         # Start-up placement is not decoding traffic, so it is not counted in the stats.
         cache.write(layer * store.num_experts + expert, layer, expert)
 
-  def before_layer(self, layer: int, needed: np.ndarray) -> None:
+  def before_layer(self, layer: int, needed: np.ndarray) -> list[int]:
     del layer, needed
+    return []
 
   def after_layer(self, layer: int, needed: np.ndarray) -> None:
     del layer, needed

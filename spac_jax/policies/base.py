@@ -1,9 +1,9 @@
 """The interface every expert cache policy implements.
 
 The offloaded target calls, for each MoE layer of each forward pass:
-  1. `before_layer(layer, needed)`: the policy may copy experts into the cache (and must
-     return only when those copies are issued); the layer then computes every needed expert
-     that is resident from its cache slot and every other one on the CPU.
+  1. `before_layer(layer, needed)`: the policy may copy experts into the cache on the
+     critical path and returns which ones it copied (counted as misses). The layer then
+     computes every needed expert that is resident from its cache slot, the rest on the CPU.
   2. `after_layer(layer, needed)`: the policy may update its state or the cache.
 and after the last layer, `after_pass(counts, window)` with the pass's activation counts.
 """
@@ -48,8 +48,12 @@ class CachePolicy(abc.ABC):
     self.stats.host_to_device_bytes[layer] += self.cache.write(slot, layer, expert)
 
   @abc.abstractmethod
-  def before_layer(self, layer: int, needed: np.ndarray) -> None:
-    """Act before `layer` computes the distinct experts `needed` (int array)."""
+  def before_layer(self, layer: int, needed: np.ndarray) -> list[int]:
+    """Act before `layer` computes the distinct experts `needed` (int array).
+
+    Returns:
+      The experts this call copied into the cache (on the critical path).
+    """
 
   @abc.abstractmethod
   def after_layer(self, layer: int, needed: np.ndarray) -> None:

@@ -40,21 +40,29 @@ class LRUPolicy(CachePolicy):
         return self.cache.slot_of[key]
     return None
 
-  def bring_in(self, layer: int, needed: np.ndarray) -> None:
-    """Copy the non-resident experts of `needed` into the cache while slots allow."""
+  def bring_in(self, layer: int, needed: np.ndarray) -> list[int]:
+    """Copy the non-resident experts of `needed` into the cache while slots allow.
+
+    Returns:
+      The experts copied.
+    """
     protected = {(layer, int(expert)) for expert in needed}
+    copied = []
     for expert in needed:
       expert = int(expert)
       if self.cache.is_resident(layer, expert):
         continue
       slot = self.choose_slot(protected)
       if slot is None:
-        return
+        break
       self.load(layer, expert, slot)
       self.recency[(layer, expert)] = None
+      copied.append(expert)
+    return copied
 
-  def before_layer(self, layer: int, needed: np.ndarray) -> None:
+  def before_layer(self, layer: int, needed: np.ndarray) -> list[int]:
     self.touch(layer, needed)
+    return []
 
   def after_layer(self, layer: int, needed: np.ndarray) -> None:
     self.bring_in(layer, needed)

@@ -14,9 +14,9 @@ class OnDemandPolicy(LRUPolicy):
 
   name = 'on_demand'
 
-  def before_layer(self, layer: int, needed: np.ndarray) -> None:
+  def before_layer(self, layer: int, needed: np.ndarray) -> list[int]:
     self.touch(layer, needed)
-    self.bring_in(layer, needed)
+    return self.bring_in(layer, needed)
 
   def after_layer(self, layer: int, needed: np.ndarray) -> None:
     del layer, needed

@@ -83,8 +83,9 @@ class SpacPolicy(CachePolicy):
     return cost_model.profile_from_config(config.profile).cost_model(store.bytes_per_expert,
                                                                      flops_per_token)
 
-  def before_layer(self, layer: int, needed: np.ndarray) -> None:
+  def before_layer(self, layer: int, needed: np.ndarray) -> list[int]:
     self.engine.start_layer(layer, needed)
+    return []  # Misses go to the CPU; only the worker copies, off the critical path.
 
   def after_layer(self, layer: int, needed: np.ndarray) -> None:
     del needed
