@@ -5,7 +5,7 @@ import json
 import pytest
 
 from configs import default
-from launch import sweep
+from launch import plot, sweep
 
 
 def test_parse_grid_types_values_like_config():
@@ -35,3 +35,10 @@ def test_two_run_sweep_writes_summary(tiny_checkpoints, tmp_path):
   assert len(table) == 4
   assert table[2].startswith('| offload.policy=lru |')
   assert (tmp_path / 'offload.policy=spac' / 'results.json').is_file()
+  plot.plot(plot.read_rows(tmp_path / 'summary.jsonl'), tmp_path / 'summary.png')
+  assert (tmp_path / 'summary.png').stat().st_size > 10_000
+
+
+def test_plot_rejects_missing_summary(tmp_path):
+  with pytest.raises(FileNotFoundError, match='run launch.sweep first'):
+    plot.read_rows(tmp_path / 'summary.jsonl')
