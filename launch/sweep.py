@@ -3,9 +3,9 @@
   python -m launch.sweep --config=configs/default.py --workdir=runs/sweep \\
       --grid='offload.policy=lru,on_demand,spac' --grid='decode.mode=speculative,autoregressive'
 
-Each `--grid` flag names one config field and its values; the sweep runs the cartesian
-product, each run in `workdir/<field=value,...>/`, then writes `summary.jsonl` (one line per
-run: the swept values and its results) and `summary.md` (a table of the headline figures).
+Each `--grid` flag names one config field and its values. The sweep runs the cartesian
+product, each run in `workdir/<field=value,...>/`. Then it writes `summary.jsonl` (one line
+per run: the swept values and its results) and `summary.md` (a table of headline figures).
 Base-config overrides such as `--config.data.num_prompts=5` apply to every run.
 """
 

@@ -169,8 +169,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                      config.data.max_new_tokens, draft,
                      config.decode.draft_len if speculative else 0)
 
-  # Warm-up on the first prompt compiles the common programs; a fresh target then starts
-  # with an empty cache and zero counters, and keeps the compiled programs.
+  # Warm-up on the first prompt compiles the common programs. The measured run then uses a
+  # fresh target, with an empty cache and zero counters but the same compiled programs.
   warmup_started = time.perf_counter()
   warmup_target = make_target()
   generator = make_generator(warmup_target)

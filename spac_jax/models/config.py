@@ -4,14 +4,18 @@ import dataclasses
 import json
 from typing import Any
 
+QK_NORMS = ('head', 'full', 'none')
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape of a decoder-only transformer in the Qwen3 family.
+  """Shape of a decoder-only transformer in the Qwen3 / Llama / Mixtral / Qwen2-MoE / OLMoE
+  families.
 
-  A model with `num_experts > 0` uses an MoE feed-forward block in every layer
-  (Qwen3-MoE style); one with `num_experts == 0` uses a dense SwiGLU MLP
-  (Qwen3 dense style, used for drafts).
+  A model with `num_experts > 0` uses an MoE feed-forward block in its MoE layers (every layer
+  unless `first_dense_layers`, `moe_layer_step` or `dense_layers` say otherwise) and a dense
+  SwiGLU MLP of width `mlp_dim` in the others. One with `num_experts == 0` is dense
+  throughout (used for drafts). The defaults describe the embedded Qwen3-style models.
   """
 
   vocab_size: int
@@ -21,7 +25,7 @@ class ModelConfig:
   num_kv_heads: int
   head_dim: int
   max_seq_len: int
-  mlp_dim: int = 0  # Hidden size of the dense SwiGLU MLP (dense models only).
+  mlp_dim: int = 0  # Hidden size of the dense SwiGLU MLP (dense models and dense layers).
   num_experts: int = 0  # Routed experts per MoE layer; 0 means a dense model.
   top_k: int = 0  # Experts chosen per token by the router.
   expert_dim: int = 0  # Hidden size of one SwiGLU expert.
@@ -29,10 +33,24 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = True  # The LM head reuses the token embedding matrix.
+  # RMSNorm on queries and keys: 'head' normalises each head (Qwen3), 'full' the whole
+  # projection before the split into heads (OLMoE), 'none' skips it (Llama, Mixtral).
+  qk_norm: str = 'head'
+  qkv_bias: bool = False  # Biases on the q, k and v projections (Qwen2-MoE, Llama option).
+  o_bias: bool = False  # Bias on the attention output projection (Llama option).
+  clip_qkv: float | None = None  # Clamp q, k and v to [-clip_qkv, clip_qkv] (OLMoE option).
+  first_dense_layers: int = 0  # The first N layers use the dense MLP (DeepSeek style).
+  moe_layer_step: int = 1  # Layer i is MoE only if (i + 1) % step == 0 (decoder_sparse_step).
+  dense_layers: tuple[int, ...] = ()  # Layers that use the dense MLP (mlp_only_layers).
+  shared_expert_dim: int = 0  # Hidden size of the always-on shared expert; 0 means none.
+  shared_expert_gate: bool = False  # Scale the shared expert by sigmoid(x @ w) (Qwen2-MoE).
+  routed_scale: float = 1.0  # Factor on the routing weights (routed_scaling_factor).
 
   def __post_init__(self):
+    # JSON gives lists; a tuple keeps the config hashable (it is a static jit argument).
+    object.__setattr__(self, 'dense_layers', tuple(int(i) for i in self.dense_layers))
     positive = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
-                'max_seq_len')
+                'max_seq_len', 'moe_layer_step')
     for name in positive:
       if getattr(self, name) <= 0:
         raise ValueError(f'ModelConfig.{name} must be positive, got {getattr(self, name)}.')
@@ -41,18 +59,46 @@ class ModelConfig:
                        f'num_kv_heads={self.num_kv_heads} for grouped-query attention.')
     if self.head_dim % 2:
       raise ValueError(f'ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings.')
+    if self.qk_norm not in QK_NORMS:
+      raise ValueError(f'ModelConfig.qk_norm={self.qk_norm!r} is invalid; choose one of '
+                       f'{list(QK_NORMS)}.')
+    if self.clip_qkv is not None and self.clip_qkv <= 0:
+      raise ValueError(f'ModelConfig.clip_qkv must be positive or None, got {self.clip_qkv}.')
     if self.is_moe:
-      if not 0 < self.top_k <= self.num_experts:
-        raise ValueError(f'ModelConfig.top_k={self.top_k} must be in [1, num_experts='
-                         f'{self.num_experts}].')
-      if self.expert_dim <= 0:
-        raise ValueError(f'ModelConfig.expert_dim must be positive, got {self.expert_dim}.')
+      self._validate_moe()
     elif self.mlp_dim <= 0:
       raise ValueError(f'A dense ModelConfig (num_experts=0) needs mlp_dim > 0, got {self.mlp_dim}.')
+
+  def _validate_moe(self) -> None:
+    if not 0 < self.top_k <= self.num_experts:
+      raise ValueError(f'ModelConfig.top_k={self.top_k} must be in [1, num_experts='
+                       f'{self.num_experts}].')
+    if self.expert_dim <= 0:
+      raise ValueError(f'ModelConfig.expert_dim must be positive, got {self.expert_dim}.')
+    if not self.moe_layers:
+      raise ValueError(f'ModelConfig has num_experts={self.num_experts} but no MoE layer: '
+                       f'first_dense_layers={self.first_dense_layers}, moe_layer_step='
+                       f'{self.moe_layer_step} and dense_layers={self.dense_layers} cover all '
+                       f'{self.num_layers} layers.')
+    if len(self.moe_layers) < self.num_layers and self.mlp_dim <= 0:
+      raise ValueError(f'ModelConfig has dense layers but mlp_dim={self.mlp_dim}; set mlp_dim '
+                       'to the dense MLP width.')
+    if self.shared_expert_gate and self.shared_expert_dim <= 0:
+      raise ValueError('ModelConfig.shared_expert_gate needs shared_expert_dim > 0.')
 
   @property
   def is_moe(self) -> bool:
     return self.num_experts > 0
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """Whether model layer `layer` has routed experts (the Hugging Face layer rule)."""
+    return (self.is_moe and layer >= self.first_dense_layers
+            and (layer + 1) % self.moe_layer_step == 0 and layer not in self.dense_layers)
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    """Model layer indices of the MoE layers, in order; position = MoE layer index."""
+    return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
 
   @property
   def expert_param_count(self) -> int:
@@ -61,19 +107,20 @@ class ModelConfig:
 
   def param_counts(self) -> dict[str, int]:
     """Total and active (per-token) parameter counts."""
-    attention = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-    attention += 2 * self.head_dim + 2 * self.d_model  # q/k norms and the two layer norms.
+    q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    attention = self.d_model * (2 * q_size + 2 * kv_size) + 2 * self.d_model
+    attention += {'head': 2 * self.head_dim, 'full': q_size + kv_size, 'none': 0}[self.qk_norm]
+    attention += (q_size + 2 * kv_size) * self.qkv_bias + self.d_model * self.o_bias
     embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2) + self.d_model
-    if self.is_moe:
-      router = self.d_model * self.num_experts
-      total_ffn = router + self.num_experts * self.expert_param_count
-      active_ffn = router + self.top_k * self.expert_param_count
-    else:
-      total_ffn = active_ffn = 3 * self.d_model * self.mlp_dim
-    return {
-        'total': embed + self.num_layers * (attention + total_ffn),
-        'active': embed + self.num_layers * (attention + active_ffn),
-    }
+    dense_ffn = 3 * self.d_model * self.mlp_dim
+    num_moe = len(self.moe_layers)
+    shared = 3 * self.d_model * self.shared_expert_dim + self.d_model * self.shared_expert_gate
+    router = self.d_model * self.num_experts + shared
+    total_ffn = num_moe * (router + self.num_experts * self.expert_param_count)
+    active_ffn = num_moe * (router + self.top_k * self.expert_param_count)
+    dense_total = (self.num_layers - num_moe) * dense_ffn
+    base = embed + self.num_layers * attention + dense_total
+    return {'total': base + total_ffn, 'active': base + active_ffn}
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

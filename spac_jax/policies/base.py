@@ -21,7 +21,7 @@ from spac_jax.offload.stats import OffloadStats
 
 @dataclasses.dataclass(frozen=True)
 class PolicyOptions:
-  """What a policy may need to know about the run beyond the cache."""
+  """Run settings a policy may need beyond the cache."""
 
   next_window: int = 1  # Tokens of a decode pass: draft_len + 1, or 1 when autoregressive.
   spac: ml_collections.ConfigDict | None = None  # The `spac` config section.

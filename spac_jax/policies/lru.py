@@ -30,7 +30,7 @@ class LRUPolicy(CachePolicy):
         self.recency.move_to_end(key)
 
   def choose_slot(self, protected: set[tuple[int, int]]) -> int | None:
-    """A free slot, else the slot of the least recently used unprotected expert, else None."""
+    """Return a free slot, else the least recently used unprotected expert's, else None."""
     free = self.cache.free_slots()
     if free:
       return free[0]

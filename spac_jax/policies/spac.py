@@ -5,9 +5,9 @@ After every target forward pass:
   2. The Heterogeneous Workload Balancer chooses which experts should be resident for the
      next pass (capacity = cache slots, at most `transfer_budget` copies), expressed as a
      per-layer utility threshold and a keep mask.
-  3. The prefetch engine re-levels the cache (kept experts at their utility level, the
-     rest at 0, so they are evicted first) and queues a request per kept expert that is not
-     resident; its worker copies them while the next pass runs.
+  3. The prefetch engine re-levels the cache: kept experts get their utility level and the
+     rest get 0, so they are evicted first. It queues a request per kept expert that is not
+     resident, and its worker copies them while the next pass runs.
 During a pass, each layer freezes its resident experts (`before_layer`) and releases them to
 level 0 afterwards (`after_layer`). Misses are computed on the CPU, never fetched on the
 critical path.
@@ -25,13 +25,13 @@ from spac_jax.scheduling.utility import UtilityConfig, UtilityEstimator
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `spac` config section with its defaults."""
+  """Build the `spac` config section with its defaults."""
   config = ml_collections.ConfigDict()
   config.levels = 5  # K: utility levels 0..K.
   config.inertia = True  # Move a level at most one step per pass (off: jump to the target).
   config.calibration = True  # Normalise demand by window size, calibrate level boundaries.
   config.transfer_budget = -1  # Max experts prefetched per pass; -1 means the cache size.
-  config.solver_time_limit_ms = 20.0  # HiGHS time limit; the greedy answer is used past it.
+  config.solver_time_limit_ms = 20.0  # HiGHS time limit; past it the greedy plan is used.
   config.cost_model = 'profile'  # 'profile' (below) or 'measure' (timed at start-up here).
   config.profile = ml_collections.ConfigDict()  # Hardware the balancer plans for.
   config.profile.name = 'laptop_gpu_pcie4'

@@ -75,9 +75,9 @@ def _median_ms(function, repeats: int) -> float:
 def measure_cost_model(cache: ExpertCache, window: int, repeats: int = 20) -> CostModel:
   """Time one expert's device compute, CPU compute and slot copy on this machine.
 
-  Fixed and per-token parts come from windows of 1 and `window` tokens. The cache needs at
-  least one slot for the device and copy timings; with none, the device side is taken to
-  cost what the CPU side costs.
+  Fixed and per-token parts come from windows of 1 and `window` tokens. The device and copy
+  timings need at least one cache slot. Without one, the device side is given the CPU
+  side's costs.
   """
   store = cache.store
   host = store.layers[0].as_tuple()

@@ -6,8 +6,8 @@ One utility space drives both directions:
     one) and copies the expert from host memory with the cache's donating slot write.
   * Eviction: every slot has a level. A request of level r may evict only a slot whose
     level is below r. While a layer computes, its resident experts are frozen at level K + 1
-    and never evicted; when it finishes they drop to level 0, the first candidates for
-    eviction until the next utility update raises them again.
+    and never evicted. When it finishes they drop to level 0, so they are the first
+    candidates for eviction until the next utility update raises them again.
   * Staleness: when a layer starts computing, its pending requests are dropped (too late).
 
 Invariants (checked by the stress test): the cache never holds more experts than slots, a
@@ -48,9 +48,9 @@ class PrefetchEngine:
   """Prefetch queue and worker thread over an ExpertCache.
 
   All shared state is guarded by the cache's lock (through `self.condition`). The worker
-  dispatches each copy under the lock, which is cheap because JAX dispatch is asynchronous;
-  the copy completes in the background, and a layer that needs a copied expert waits for it
-  in `start_layer` (counted as transfer stall). A read of the cache dispatched before a copy
+  dispatches each copy under the lock, which is cheap because JAX dispatch is asynchronous.
+  The copy completes in the background. A layer that needs a copied expert waits for it in
+  `start_layer`, and that wait is counted as transfer stall. A read of the cache dispatched before a copy
   donates the cache arrays still sees the old buffer: the runtime orders the two.
   """
 
@@ -78,7 +78,7 @@ class PrefetchEngine:
       bytes_counter = np.zeros(num_layers, np.int64)
     self.stats = EngineStats(host_to_device_bytes=bytes_counter)
     self._closed = False
-    self._busy = False  # The worker holds a request it has not finished.
+    self._busy = False  # The worker has a request it has not finished.
     self.error: Exception | None = None  # Set when the worker died.
     self._worker = threading.Thread(target=self._run, name='spac-prefetch', daemon=True)
     self._worker.start()
@@ -168,7 +168,7 @@ class PrefetchEngine:
     return None
 
   def _victim_slot(self, level: int) -> int | None:
-    """A free slot, else the unfrozen slot of lowest level below `level`, else None."""
+    """Return a free slot, else the unfrozen slot of lowest level below `level`, else None."""
     free = np.flatnonzero([owner is None for owner in self.cache.owner])
     if free.size:
       return int(free[0])
