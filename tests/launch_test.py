@@ -158,3 +158,12 @@ def test_cli_end_to_end(tiny_checkpoints, tmp_path):
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['policy'] == 'on_demand'
   assert results['num_prompts'] == 2
+
+
+def test_shipped_embedded_model_runs_two_prompts(tmp_path):
+  config = default.get_config('smoke')
+  results = experiment.run(config, tmp_path / 'run')
+  assert results['num_prompts'] == 2
+  assert results['output_tokens'] == 16
+  # The trained draft agrees with the target on HumanEval code far more often than chance.
+  assert results['mean_accepted_length'] > 1.5
