@@ -88,3 +88,22 @@ def test_spac_prefetches_and_reports(models, cost_model):
   assert len(results['per_layer_threshold_last']) == 2
   assert target.stats.host_to_device_bytes.sum() == target.cache.bytes_written
   assert (target.stats.misses == target.stats.cpu_experts).all()  # No critical-path fetch.
+
+
+def test_spac_decodes_on_when_solver_fails(models, reference_tokens):
+  from spac_jax.scheduling.balancer import WorkloadBalancer  # pylint: disable=import-outside-toplevel
+
+  def failing_highs():
+    raise RuntimeError('solver unavailable')
+
+  target = OffloadedTarget(models['target'], 'spac', 6)
+  policy = target.policy
+  policy.balancer = WorkloadBalancer(policy.cost, policy.estimator.config.levels,
+                                     highs_factory=failing_highs)
+  try:
+    result = generate(target, models['draft'], draft_len=4)
+  finally:
+    policy.close()
+  assert result.tokens == reference_tokens
+  assert set(policy.results()['solver_calls']) == {'greedy'}
+  assert policy.results()['prefetches'] > 0
