@@ -17,13 +17,13 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from spac_jax import validation
+from spac_jax import loading, validation
 from spac_jax.data.prompts import Prompt, load_prompts
+from spac_jax.data.hf_tokenizer import HFTokenizer
 from spac_jax.data.tokenizer import ByteTokenizer
 from spac_jax.decoding.draft import DeviceModel
 from spac_jax.decoding.generate import Generation, Generator
-from spac_jax.decoding.target import OffloadedTarget, expert_sharding_fn
-from spac_jax.models import checkpoint
+from spac_jax.decoding.target import OffloadedTarget
 from spac_jax.offload import memory
 from spac_jax.policies import PolicyOptions
 
@@ -51,12 +51,12 @@ class CompileTimer:
       self.count += 1
 
 
-def prepare_prompt(prompt: Prompt, tokenizer: ByteTokenizer, max_len: int, overlong: str
-                   ) -> tuple[list[int], bool]:
+def prepare_prompt(prompt: Prompt, tokenizer: ByteTokenizer | HFTokenizer, max_len: int,
+                   overlong: str) -> tuple[list[int], bool]:
   """Tokenise a prompt; if it is longer than max_len, keep its end or raise.
 
   Returns:
-    Token ids (BOS first) and whether they were truncated.
+    Token ids (BOS first when the tokenizer adds one) and whether they were truncated.
   """
   ids = tokenizer.encode(prompt.text)
   if len(ids) <= max_len:
@@ -65,7 +65,9 @@ def prepare_prompt(prompt: Prompt, tokenizer: ByteTokenizer, max_len: int, overl
     raise ValueError(f'Prompt {prompt.id} has {len(ids)} tokens, more than the {max_len} that '
                      'fit the context with max_new_tokens and draft_len; shorten it, lower '
                      "config.data.max_new_tokens, or set config.data.overlong_prompts='truncate'.")
-  return [tokenizer.bos_id] + ids[len(ids) - max_len + 1:], True
+  if tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id:
+    return [tokenizer.bos_id] + ids[len(ids) - max_len + 1:], True
+  return ids[len(ids) - max_len:], True
 
 
 def summarize(generations: list[Generation], target: OffloadedTarget, speculative: bool
@@ -95,12 +97,16 @@ def summarize(generations: list[Generation], target: OffloadedTarget, speculativ
       'stop_reasons': dict(collections.Counter(g.stop_reason for g in generations)),
   }
   results.update(target.stats.summary())
+  # The stats count MoE layers only; name the model layer of each (dense layers are skipped).
+  for entry, model_layer in zip(results['per_layer'], target.cfg.moe_layers):
+    entry['model_layer'] = model_layer
   results['host_to_device_bytes_per_token'] = (results['host_to_device_bytes'] / output_tokens
                                                if output_tokens else 0.0)
   return results
 
 
-def _generate_all(prompts: list[Prompt], generator: Generator, tokenizer: ByteTokenizer,
+def _generate_all(prompts: list[Prompt], generator: Generator,
+                  tokenizer: ByteTokenizer | HFTokenizer,
                   config: ml_collections.ConfigDict, workdir: pathlib.Path
                   ) -> tuple[list[Generation], int, CompileTimer]:
   """Generate for every prompt, appending each to generations.jsonl as it finishes."""
@@ -134,22 +140,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   logging.info('jax %s, device %s, memory kinds %s', jax.__version__, device,
                sorted(m.kind for m in device.addressable_memories()))
 
-  tokenizer = ByteTokenizer()
+  tokenizer = loading.load_tokenizer(config)
   speculative = config.decode.mode == 'speculative'
-  target_model = checkpoint.load(config.model.path, expert_sharding_fn)
+  target_model = loading.load_target(config)
   counts = target_model.cfg.param_counts()
-  logging.info('Target %s: %d parameters, %d active per token, %d MoE layers x %d experts '
-               '(top-%d).', config.model.path, counts['total'], counts['active'],
-               target_model.cfg.num_layers, target_model.cfg.num_experts, target_model.cfg.top_k)
-  total_experts = target_model.cfg.num_layers * target_model.cfg.num_experts
+  num_moe_layers = len(target_model.cfg.moe_layers)
+  logging.info('Target %s: %d parameters, %d active per token, %d of %d layers MoE x %d '
+               'experts (top-%d).', config.model.path, counts['total'], counts['active'],
+               num_moe_layers, target_model.cfg.num_layers, target_model.cfg.num_experts,
+               target_model.cfg.top_k)
+  total_experts = num_moe_layers * target_model.cfg.num_experts
   requested_slots = int(round(config.offload.cache_ratio * total_experts))
   draft = None
   if speculative:
-    draft_model = checkpoint.load(config.draft.path)
-    if draft_model.cfg.vocab_size != target_model.cfg.vocab_size:
-      raise validation.ConfigError(
-          f'Draft vocabulary ({draft_model.cfg.vocab_size}) differs from the target '
-          f'({target_model.cfg.vocab_size}); use a draft trained with the same tokenizer.')
+    draft_model = loading.load_draft(config, target_model)
     logging.info('Draft %s: %d parameters.', config.draft.path,
                  draft_model.cfg.param_counts()['total'])
     draft = DeviceModel(draft_model)
@@ -167,7 +171,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   def make_generator(target: OffloadedTarget) -> Generator:
     return Generator(target, max_seq_len, tokenizer.eos_id, tokenizer.pad_id,
                      config.data.max_new_tokens, draft,
-                     config.decode.draft_len if speculative else 0)
+                     config.decode.draft_len if speculative else 0,
+                     extra_eos_ids=tuple(getattr(tokenizer, 'eos_ids', ())[1:]))
 
   # Warm-up on the first prompt compiles the common programs. The measured run then uses a
   # fresh target, with an empty cache and zero counters but the same compiled programs.

@@ -78,6 +78,9 @@ def expert_load(model: Transformer, windows: np.ndarray) -> list[list[float]]:
   for layer in model.layers:
     h, _ = layer.attention_block(h, positions, None, 0)
     x = layer.post_attention_norm(h).reshape(-1, h.shape[-1])
+    if not layer.is_moe:
+      h = h + layer.ffn(x).reshape(h.shape)
+      continue
     routing = layer.ffn.route(x)
     counts = np.bincount(np.asarray(routing.expert_ids).reshape(-1),
                          minlength=model.cfg.num_experts)

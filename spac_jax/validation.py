@@ -11,6 +11,9 @@ from spac_jax.scheduling.cost_model import profile_from_config
 MODES = ('autoregressive', 'speculative')
 OVERLONG = ('truncate', 'reject')
 COST_MODELS = ('profile', 'measure')
+FORMATS = ('auto', 'orbax', 'hf')
+DTYPES = ('float32', 'bfloat16', 'float16')
+CHAT_TEMPLATES = ('', 'checkpoint')
 
 
 class ConfigError(ValueError):
@@ -26,7 +29,23 @@ def _checkpoint_dir(path: str, field: str) -> None:
   _require(bool(path), f'config.{field} is empty; set it to a checkpoint directory.')
   directory = pathlib.Path(path)
   _require(directory.is_dir(), f'config.{field}={path!r}: checkpoint directory not found. '
-           'Point it at a directory written by spac_jax.train, e.g. checkpoints/embedded/target.')
+           'Point it at a directory written by spac_jax.train (e.g. checkpoints/embedded/target) '
+           'or at a Hugging Face checkpoint directory (config.json plus safetensors).')
+
+
+def _validate_checkpoint_options(config: ml_collections.ConfigDict) -> None:
+  """Check the optional fields of Hugging Face checkpoints (absent in configs/default.py)."""
+  for field, value, allowed in (
+      ('model.format', config.model.get('format', 'auto'), FORMATS),
+      ('draft.format', config.draft.get('format', 'auto'), FORMATS),
+      ('model.dtype', config.model.get('dtype', 'float32'), DTYPES),
+      ('data.chat_template', config.data.get('chat_template', ''), CHAT_TEMPLATES)):
+    _require(value in allowed, f'config.{field}={value!r} is invalid; choose one of '
+             f'{list(allowed)}.')
+  max_seq_len = config.model.get('max_seq_len', 0)
+  _require(isinstance(max_seq_len, int) and max_seq_len >= 0,
+           f'config.model.max_seq_len={max_seq_len!r} is invalid; use 0 (the checkpoint\'s '
+           'max_position_embeddings) or a positive KV cache length in tokens.')
 
 
 def _validate_spac(spac: ml_collections.ConfigDict) -> None:
@@ -69,6 +88,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(data.overlong_prompts in OVERLONG, f'config.data.overlong_prompts='
            f'{data.overlong_prompts!r} is invalid; choose one of {list(OVERLONG)}.')
   _validate_spac(config.spac)
+  _validate_checkpoint_options(config)
   _checkpoint_dir(config.model.path, 'model.path')
   if decode.mode == 'speculative':
     _checkpoint_dir(config.draft.path, 'draft.path')

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spac_jax.models.layers import KVCache
-from spac_jax.models.transformer import Transformer
+from spac_jax.models.transformer import AttentionCache, Transformer, init_cache
 from spac_jax.offload import memory
 
 
@@ -31,10 +30,12 @@ class DeviceModel:
     self.cfg = model.cfg
     self._graphdef, state = nnx.split(model)
     self._state = memory.to_device(state)
+    self.dtype = model.dtype
     self.caches = self.init_caches()
 
-  def init_caches(self) -> list[KVCache]:
-    return [memory.to_device(KVCache.zeros(self.cfg, 1)) for _ in range(self.cfg.num_layers)]
+  def init_caches(self) -> list[AttentionCache]:
+    return [memory.to_device(init_cache(self.cfg, 1, self.dtype))
+            for _ in range(self.cfg.num_layers)]
 
   def forward(self, tokens: np.ndarray, start: int, num_valid: int) -> np.ndarray:
     """Run tokens [W] at cache position `start`; return greedy predictions [num_valid]."""

@@ -57,6 +57,7 @@ class Generator:
   max_new_tokens: int
   draft: GreedyModel | None = None
   draft_len: int = 0
+  extra_eos_ids: tuple[int, ...] = ()  # Further ids that end generation like eos_id.
 
   def __post_init__(self):
     if self.draft_len < 0:
@@ -97,8 +98,11 @@ class Generator:
     result.total_time_s = time.perf_counter() - started
     return result
 
+  def _is_eos(self, token: int) -> bool:
+    return token == self.eos_id or token in self.extra_eos_ids
+
   def _finished(self, result: Generation, position: int, window: int) -> bool:
-    if result.tokens[-1] == self.eos_id:
+    if self._is_eos(result.tokens[-1]):
       result.stop_reason = 'eos'
     elif len(result.tokens) >= self.max_new_tokens:
       result.stop_reason = 'max_new_tokens'
@@ -110,7 +114,7 @@ class Generator:
     """Append tokens, cutting at EOS and at max_new_tokens, and record how many were kept."""
     kept = 0
     for token in new_tokens:
-      if len(result.tokens) >= self.max_new_tokens or result.tokens[-1] == self.eos_id:
+      if len(result.tokens) >= self.max_new_tokens or self._is_eos(result.tokens[-1]):
         break
       result.tokens.append(int(token))
       kept += 1

@@ -2,13 +2,17 @@
 
 One forward pass over a window of W tokens:
   1. Embed the tokens (device).
-  2. For each layer: attention and routing in one jitted call (device), then the routing
-     comes to Python, the policy acts (`before_layer`), the needed experts are split into
-     cached ones (computed from device slots) and the rest (computed on the CPU from
-     pinned_host weights); both kernels are dispatched before either is awaited, so they
-     run concurrently, and a jitted join adds both partial outputs to the residual stream.
-     Then `after_layer`.
+  2. For each MoE layer: attention, the shared expert (if any) and routing run in one jitted
+     call (device). The routing comes to Python and the policy acts (`before_layer`). The
+     needed experts are split into cached ones (computed from device slots) and the rest
+     (computed on the CPU from pinned_host weights). Both kernels are dispatched before
+     either is awaited, so they run concurrently, and a jitted join adds both partial
+     outputs to the residual stream. Then `after_layer`.
+     A layer without routed experts (dense-first layers, `mlp_only_layers`) runs attention and
+     its dense MLP in one jitted call on the device. The cache and the policy never see it.
   3. Final norm and LM head (device); greedy token per position.
+The host store, the cache, the policies and the stats index MoE layers 0..M-1 in model order
+(`ModelConfig.moe_layers` maps them to model layers).
 Every jitted piece has static shapes given (W, expert bucket), so decoding compiles a bounded
 set of programs and never one per token.
 """
@@ -21,9 +25,8 @@ import numpy as np
 from flax import nnx
 
 from spac_jax.models.config import ModelConfig
-from spac_jax.models.layers import KVCache
 from spac_jax.models.moe import route
-from spac_jax.models.transformer import Transformer, lm_logits
+from spac_jax.models.transformer import AttentionCache, Transformer, init_cache, lm_logits
 from spac_jax.offload import experts, memory
 from spac_jax.offload.cache import ExpertCache, ExpertStacks, HostExpertStore
 from spac_jax.offload.stats import OffloadStats
@@ -39,17 +42,37 @@ def expert_sharding_fn(path: tuple, leaf) -> jax.sharding.Sharding:
   return memory.sharding(memory.PINNED_HOST if is_expert else memory.DEVICE)
 
 
-@partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(3,))
-def _attention_and_route(graphdef, state, h, cache: KVCache, start, top_k: int,
-                         norm_topk_prob: bool):
-  """Attention block and router of one layer. h: [1, W, D]."""
-  input_norm, attn, post_attention_norm, router = nnx.merge(graphdef, state)
+@partial(jax.jit, static_argnums=(0, 5), donate_argnums=(3,))
+def _attention_and_route(graphdef, state, h, cache: AttentionCache, start,
+                         router_options: tuple):
+  """Attention block, shared expert and router of one MoE layer. h: [1, W, D].
+
+  Args:
+    router_options: the static arguments of `moe.route` after the logits.
+
+  Returns:
+    h plus attention and shared expert outputs, the normalised x [W, D] the routed experts
+    read, routing weights and expert ids [W, k], and the updated attention cache.
+  """
+  input_norm, attn, post_attention_norm, router, shared = nnx.merge(graphdef, state)
   positions = start + jnp.arange(h.shape[1])
   attn_out, cache = attn(input_norm(h), positions, cache, start)
   h = h + attn_out
   x = post_attention_norm(h)[0]  # [W, D]
-  routing = route(router(x), top_k, norm_topk_prob)
+  routing = route(router(x), *router_options)
+  if shared is not None:
+    h = h + shared(x)[None]
   return h, x, routing.weights, routing.expert_ids, cache
+
+
+@partial(jax.jit, static_argnums=0, donate_argnums=(3,))
+def _dense_layer(graphdef, state, h, cache: AttentionCache, start):
+  """Run a whole layer without routed experts (attention and dense MLP). h: [1, W, D]."""
+  input_norm, attn, post_attention_norm, mlp = nnx.merge(graphdef, state)
+  positions = start + jnp.arange(h.shape[1])
+  attn_out, cache = attn(input_norm(h), positions, cache, start)
+  h = h + attn_out
+  return h + mlp(post_attention_norm(h)), cache
 
 
 @partial(jax.jit, static_argnums=0)
@@ -70,6 +93,13 @@ def _split_to_device(modules):
   return graphdef, memory.to_device(state)
 
 
+def _to_host(array: jax.Array) -> jax.Array:
+  """Place an expert stack in pinned_host memory, without a copy when it is already there."""
+  if memory.memory_kind(array) == memory.PINNED_HOST:
+    return array
+  return memory.to_host(array)
+
+
 class OffloadedTarget:
   """Greedy forward passes of an MoE Transformer whose experts live in host memory.
 
@@ -77,8 +107,8 @@ class OffloadedTarget:
     cfg: the model shape.
     cache: the device expert cache.
     policy: the cache policy.
-    stats: per-layer hit, miss, byte and CPU counters.
-    counts: [L, E] activation counts of the most recent forward pass.
+    stats: per-MoE-layer hit, miss, byte and CPU counters.
+    counts: [M, E] activation counts of the most recent forward pass, M = MoE layers.
   """
 
   def __init__(self, model: Transformer, policy_name: str, requested_slots: int,
@@ -87,13 +117,21 @@ class OffloadedTarget:
     if not cfg.is_moe:
       raise ValueError('OffloadedTarget needs an MoE model (num_experts > 0).')
     self.cfg = cfg
+    self._router_options = (cfg.top_k, cfg.norm_topk_prob, cfg.routed_scale, cfg.router_groups,
+                            cfg.router_topk_groups)
     stacks = []
-    self._layers = []
+    # Per model layer: (MoE layer index or None for a dense layer, graphdef, device state).
+    self._layers: list[tuple[int | None, nnx.GraphDef, nnx.State]] = []
     for layer in model.layers:
-      stacks.append(ExpertStacks(*(memory.to_host(getattr(layer.ffn, name)[...])
-                                   for name in EXPERT_NAMES)))
-      self._layers.append(_split_to_device(
-          (layer.input_norm, layer.attn, layer.post_attention_norm, layer.ffn.router)))
+      if layer.is_moe:
+        stacks.append(ExpertStacks(*(_to_host(getattr(layer.ffn, name)[...])
+                                     for name in EXPERT_NAMES)))
+        modules = (layer.input_norm, layer.attn, layer.post_attention_norm, layer.ffn.router,
+                   layer.ffn.shared)
+        self._layers.append((len(stacks) - 1, *_split_to_device(modules)))
+      else:
+        modules = (layer.input_norm, layer.attn, layer.post_attention_norm, layer.ffn)
+        self._layers.append((None, *_split_to_device(modules)))
     self._embed = _split_to_device((model.embed,))
     self._head = _split_to_device((model.embed, model.final_norm, model.lm_head))
 
@@ -103,13 +141,15 @@ class OffloadedTarget:
                        f'{sorted(POLICIES)}.')
     num_slots = POLICIES[policy_name].num_slots(requested_slots, self.store.total_experts)
     self.cache = ExpertCache(self.store, num_slots)
-    self.stats = OffloadStats.zeros(cfg.num_layers)
+    self.stats = OffloadStats.zeros(self.store.num_layers)
     self.policy = make_policy(policy_name, self.cache, self.stats, policy_options)
-    self.counts = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)
+    self.counts = np.zeros((self.store.num_layers, cfg.num_experts), np.int64)
+    self.dtype = model.dtype
     self.caches = self.init_caches()
 
-  def init_caches(self) -> list[KVCache]:
-    return [memory.to_device(KVCache.zeros(self.cfg, 1)) for _ in range(self.cfg.num_layers)]
+  def init_caches(self) -> list[AttentionCache]:
+    return [memory.to_device(init_cache(self.cfg, 1, self.dtype))
+            for _ in range(self.cfg.num_layers)]
 
   def forward(self, tokens: np.ndarray, start: int, num_valid: int) -> np.ndarray:
     """Run one forward pass and return the greedy next token at each valid position.
@@ -125,20 +165,22 @@ class OffloadedTarget:
     window = len(tokens)
     h = _embed(*self._embed, jnp.asarray(tokens, jnp.int32)[None])
     start = jnp.int32(start)
-    for index, (graphdef, state) in enumerate(self._layers):
+    for index, (moe_index, graphdef, state) in enumerate(self._layers):
+      if moe_index is None:
+        h, self.caches[index] = _dense_layer(graphdef, state, h, self.caches[index], start)
+        continue
       h, x, weights, expert_ids, self.caches[index] = _attention_and_route(
-          graphdef, state, h, self.caches[index], start, self.cfg.top_k,
-          self.cfg.norm_topk_prob)
+          graphdef, state, h, self.caches[index], start, self._router_options)
       ids = np.asarray(expert_ids)[:num_valid]
-      self.counts[index] = np.bincount(ids.reshape(-1), minlength=self.cfg.num_experts)
-      h = self._moe(index, h, x, weights, expert_ids, np.flatnonzero(self.counts[index]),
-                    window)
+      self.counts[moe_index] = np.bincount(ids.reshape(-1), minlength=self.cfg.num_experts)
+      h = self._moe(moe_index, h, x, weights, expert_ids,
+                    np.flatnonzero(self.counts[moe_index]), window)
     self.policy.after_pass(self.counts.copy(), num_valid)
     predictions = _greedy(self.cfg, *self._head, h)
     return np.asarray(predictions)[:num_valid]
 
   def _moe(self, layer: int, h, x, weights, expert_ids, needed: np.ndarray, window: int):
-    """Split the layer's needed experts between cache slots and the CPU, and join."""
+    """Split MoE layer `layer`'s needed experts between cache slots and the CPU, and join."""
     fetched = self.policy.before_layer(layer, needed)
     with self.cache.lock:
       slots = [self.cache.slot_of.get((layer, int(e)), -1) for e in needed]

@@ -1,4 +1,4 @@
-"""Decoder-only transformer (Qwen3 / Qwen3-MoE family) as a Flax NNX module."""
+"""Decoder-only transformer (Qwen3, Qwen3-MoE and related families) as a Flax NNX module."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,18 @@ from flax import nnx
 
 from spac_jax.models.config import ModelConfig
 from spac_jax.models.layers import Attention, DenseMLP, KVCache
+from spac_jax.models.mla import LatentAttention, LatentCache
 from spac_jax.models.moe import MoEBlock
+
+
+AttentionCache = KVCache | LatentCache
+
+
+def init_cache(cfg: ModelConfig, batch: int = 1, dtype=jnp.float32) -> AttentionCache:
+  """Return a zeroed attention cache of one layer: keys and values, or MLA latents."""
+  if cfg.attention == 'mla':
+    return LatentCache.zeros(cfg, batch, dtype)
+  return KVCache.zeros(cfg, batch, dtype)
 
 
 def lm_logits(cfg: ModelConfig, embed: nnx.Embed, final_norm: nnx.RMSNorm,
@@ -18,16 +29,21 @@ def lm_logits(cfg: ModelConfig, embed: nnx.Embed, final_norm: nnx.RMSNorm,
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h))."""
+  """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h)).
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  `ffn` is an MoEBlock in MoE layers and a DenseMLP in the others (see
+  `ModelConfig.is_moe_layer`).
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, is_moe: bool):
     self.input_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
-    self.attn = Attention(cfg, rngs)
+    self.attn = LatentAttention(cfg, rngs) if cfg.attention == 'mla' else Attention(cfg, rngs)
     self.post_attention_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
-    self.ffn = MoEBlock(cfg, rngs) if cfg.is_moe else DenseMLP(cfg, rngs)
+    self.is_moe = is_moe
+    self.ffn = MoEBlock(cfg, rngs) if is_moe else DenseMLP(cfg.d_model, cfg.mlp_dim, rngs)
 
-  def attention_block(self, x: jax.Array, positions: jax.Array, cache: KVCache | None,
-                      start: jax.Array | int) -> tuple[jax.Array, KVCache | None]:
+  def attention_block(self, x: jax.Array, positions: jax.Array, cache: AttentionCache | None,
+                      start: jax.Array | int) -> tuple[jax.Array, AttentionCache | None]:
     """Return the residual stream after attention, and the updated cache."""
     attn_out, cache = self.attn(self.input_norm(x), positions, cache, start)
     return x + attn_out, cache
@@ -40,7 +56,8 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model,
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([DecoderLayer(cfg, rngs, cfg.is_moe_layer(i))
+                            for i in range(cfg.num_layers)])
     self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
     self.lm_head = (None if cfg.tie_embeddings else
                     nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs))
@@ -59,7 +76,7 @@ class Transformer(nnx.Module):
     for layer in self.layers:
       h, _ = layer.attention_block(h, positions, None, 0)
       x = layer.post_attention_norm(h).reshape(batch * length, -1)
-      if self.cfg.is_moe:
+      if layer.is_moe:
         y, aux = layer.ffn(x, capacity_factor)
         aux_losses.append(aux)
       else:
@@ -68,8 +85,8 @@ class Transformer(nnx.Module):
     aux_loss = jnp.mean(jnp.stack(aux_losses)) if aux_losses else jnp.zeros(())
     return self.logits(h), aux_loss
 
-  def decode(self, tokens: jax.Array, caches: list[KVCache], start: jax.Array
-             ) -> tuple[jax.Array, list[KVCache]]:
+  def decode(self, tokens: jax.Array, caches: list[AttentionCache], start: jax.Array
+             ) -> tuple[jax.Array, list[AttentionCache]]:
     """Run tokens [B, T] at positions start..start+T-1 against KV caches.
 
     MoE layers use the drop-free dense reference, so this is the all-on-device reference
@@ -82,10 +99,15 @@ class Transformer(nnx.Module):
     for layer, cache in zip(self.layers, caches):
       h, cache = layer.attention_block(h, positions, cache, start)
       x = layer.post_attention_norm(h).reshape(batch * length, -1)
-      y = layer.ffn.dense_reference(x) if self.cfg.is_moe else layer.ffn(x)
+      y = layer.ffn.dense_reference(x) if layer.is_moe else layer.ffn(x)
       h = h + y.reshape(batch, length, -1)
       new_caches.append(cache)
     return self.logits(h), new_caches
 
-  def init_caches(self, batch: int = 1) -> list[KVCache]:
-    return [KVCache.zeros(self.cfg, batch) for _ in range(self.cfg.num_layers)]
+  @property
+  def dtype(self) -> jnp.dtype:
+    """The parameters' dtype (the embedding's), which the attention caches use too."""
+    return self.embed.embedding[...].dtype
+
+  def init_caches(self, batch: int = 1) -> list[AttentionCache]:
+    return [init_cache(self.cfg, batch, self.dtype) for _ in range(self.cfg.num_layers)]
