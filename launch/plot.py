@@ -6,6 +6,7 @@
 import json
 import math
 import pathlib
+import sys
 
 import matplotlib
 
@@ -29,6 +30,8 @@ def read_rows(path: pathlib.Path) -> list[dict]:
   rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
   if not rows:
     raise ValueError(f'Sweep summary {path} contains no runs.')
+  if not all(isinstance(row, dict) and 'run' in row for row in rows):
+    raise ValueError(f'{path} is not a launch.sweep summary: every line needs a "run" key.')
   return rows
 
 
@@ -59,7 +62,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not _SUMMARY.value or not _OUT.value:
     raise app.UsageError('--summary and --out are required.')
-  plot(read_rows(pathlib.Path(_SUMMARY.value)), pathlib.Path(_OUT.value))
+  try:
+    plot(read_rows(pathlib.Path(_SUMMARY.value)), pathlib.Path(_OUT.value))
+  except (OSError, ValueError, KeyError) as error:
+    sys.exit(f'Error: cannot plot {_SUMMARY.value} to {_OUT.value}: {error!r}')
+  print(f'Wrote {_OUT.value}')
 
 
 if __name__ == '__main__':

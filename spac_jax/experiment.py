@@ -130,12 +130,34 @@ def _generate_all(prompts: list[Prompt], generator: Generator,
   return generations, truncated, compile_timer
 
 
+OUTPUT_FILES = ('config.json', 'generations.jsonl', 'results.json')
+
+
+def _prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Create the workdir, drop a previous run's outputs, and write the resolved config.
+
+  Called only once the models and prompts have loaded, so a run that fails earlier leaves a
+  previous run's outputs untouched, and one that fails later never mixes with them.
+  """
+  workdir.mkdir(parents=True, exist_ok=True)
+  stale = [name for name in OUTPUT_FILES if (workdir / name).exists()]
+  if stale:
+    logging.warning('Replacing the previous run in %s (%s).', workdir, ', '.join(stale))
+    for name in stale:
+      (workdir / name).unlink()
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+
+
+def _rounded(value: float | None) -> str:
+  return 'n/a' if value is None else f'{value:.2f}'
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Run the experiment `config` and write its outputs into `workdir`; return results."""
   validation.validate(config)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  if workdir.exists() and not workdir.is_dir():
+    raise validation.ConfigError(f'--workdir={workdir} is a file; give a directory.')
   device = memory.default_device()
   logging.info('jax %s, device %s, memory kinds %s', jax.__version__, device,
                sorted(m.kind for m in device.addressable_memories()))
@@ -168,7 +190,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   def make_target() -> OffloadedTarget:
     return OffloadedTarget(target_model, config.offload.policy, requested_slots, options)
 
-  def make_generator(target: OffloadedTarget) -> Generator:
+  def make_generator(target: OffloadedTarget | None) -> Generator:
     return Generator(target, max_seq_len, tokenizer.eos_id, tokenizer.pad_id,
                      config.data.max_new_tokens, draft,
                      config.decode.draft_len if speculative else 0,
@@ -176,13 +198,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
 
   # Warm-up on the first prompt compiles the common programs. The measured run then uses a
   # fresh target, with an empty cache and zero counters but the same compiled programs.
+  max_prompt_len = make_generator(None).max_prompt_len()
+  if max_prompt_len < 2:
+    raise validation.ConfigError(
+        f'config.data.max_new_tokens={config.data.max_new_tokens} plus config.decode.draft_len='
+        f'{config.decode.draft_len} plus one verified token leave no room for a prompt in the '
+        f'{max_seq_len}-token context; lower max_new_tokens or draft_len.')
+  if config.data.overlong_prompts == 'reject':
+    for prompt in prompts:  # Reject before any work rather than midway through the run.
+      prepare_prompt(prompt, tokenizer, max_prompt_len, 'reject')
+  _prepare_workdir(workdir, config)
+
   warmup_started = time.perf_counter()
   warmup_target = make_target()
   generator = make_generator(warmup_target)
-  if generator.max_prompt_len() < 2:
-    raise validation.ConfigError(
-        f'config.data.max_new_tokens={config.data.max_new_tokens} plus draft_len leaves no '
-        f'room for a prompt in the {max_seq_len}-token context; lower max_new_tokens.')
   try:
     generator.generate(prepare_prompt(prompts[0], tokenizer, generator.max_prompt_len(),
                                       'truncate')[0])
@@ -213,10 +242,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                   'warmup_s': warmup_s, 'compile_s_during_run': compile_timer.seconds,
                   'compiles_during_run': compile_timer.count, 'device': str(device)})
   (workdir / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
-  logging.info('Done: %d tokens, %.1f tokens/s, TPOT %.2f ms, accepted length %s, hit rate '
+  logging.info('Done: %d tokens, %.1f tokens/s, TPOT %s ms, accepted length %s, hit rate '
                '%.3f, CPU expert share %.3f, %.1f MiB host to device. Results in %s.',
                results['output_tokens'], results['tokens_per_second'],
-               results['time_per_output_token_ms'] or 0.0, results['mean_accepted_length'],
+               _rounded(results['time_per_output_token_ms']),
+               _rounded(results['mean_accepted_length']),
                results['expert_hit_rate'], results['cpu_expert_fraction'],
                results['host_to_device_bytes'] / 2**20, workdir / 'results.json')
   return results

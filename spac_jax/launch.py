@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from spac_jax import experiment, validation
-from spac_jax.cli import parse_flags
+from spac_jax.cli import parse_flags, resolve_config
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for config.json, generations.jsonl '
@@ -20,15 +20,13 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for config.json, gene
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/default.py.')
+  config = resolve_config(_CONFIG.value)
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required, e.g. --workdir=runs/default.')
-  logging.info('Config:\n%s', _CONFIG.value)
+  logging.info('Config:\n%s', config)
   try:
-    experiment.run(_CONFIG.value, _WORKDIR.value)
-  except (validation.ConfigError, FileNotFoundError, ValueError) as error:
-    logging.error('%s', error)
+    experiment.run(config, _WORKDIR.value)
+  except (validation.ConfigError, OSError, ValueError) as error:
     sys.exit(f'Error: {error}')
 
 

@@ -7,6 +7,7 @@ train and validation loss per evaluation, final expert load per layer) into the 
 """
 
 import json
+import pathlib
 import sys
 import time
 from functools import partial
@@ -143,6 +144,14 @@ def main(argv):
   if config is None or _WORKDIR.value is None:
     raise app.UsageError('Both --config and --workdir are required.')
   workdir = _WORKDIR.value
+  if not workdir:
+    raise app.UsageError('--workdir must name a directory, e.g. --workdir=runs/train_embedded.')
+  existing = [f'{workdir}/{name}' for name in ('target', 'draft')
+              if pathlib.Path(workdir, name).exists()]
+  if existing:
+    # Checked before training, because the save at the end would fail on them.
+    raise app.UsageError(f'{", ".join(existing)} already exist; choose a new --workdir or '
+                         'remove them.')
   logging.info('jax %s on %s', jax.__version__, jax.devices())
   tokenizer = ByteTokenizer()
   train_stream = corpus.load_split('train', config.validation_fraction, tokenizer)

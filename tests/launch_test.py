@@ -110,12 +110,57 @@ def test_overlong_prompt_rejected_or_truncated(config, tmp_path):
   config.data.overlong_prompts = 'reject'
   with pytest.raises(ValueError, match='has 501 tokens'):
     experiment.run(config, tmp_path / 'reject')
+  assert not (tmp_path / 'reject').exists()  # Rejected before anything was written.
 
   config.data.overlong_prompts = 'truncate'
   experiment.run(config, tmp_path / 'truncate')
   record = json.loads((tmp_path / 'truncate' / 'generations.jsonl').read_text())
   assert record['truncated']
   assert record['prompt_tokens'] == 128 - 8 - 4 - 1
+
+
+def test_failed_rerun_keeps_previous_outputs(config, tmp_path):
+  experiment.run(config, tmp_path / 'run')
+  before = (tmp_path / 'run' / 'config.json').read_text()
+  config.data.source = 'jsonl'
+  config.data.path = str(tmp_path / 'missing.jsonl')
+  with pytest.raises(FileNotFoundError):
+    experiment.run(config, tmp_path / 'run')
+  assert (tmp_path / 'run' / 'config.json').read_text() == before
+  assert (tmp_path / 'run' / 'results.json').is_file()
+
+
+def test_workdir_that_is_a_file_is_rejected(config, tmp_path):
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(validation.ConfigError, match='is a file'):
+    experiment.run(config, tmp_path / 'file')
+
+
+def test_draft_len_beyond_context_names_both_fields(config, tmp_path):
+  config.decode.draft_len = 2000
+  with pytest.raises(validation.ConfigError, match='lower max_new_tokens or draft_len'):
+    experiment.run(config, tmp_path / 'run')
+
+
+@pytest.mark.parametrize('damage, message', [('truncate', 'Cannot restore parameters'),
+                                             ('json', 'is not valid JSON'),
+                                             ('fields', 'is incomplete')])
+def test_damaged_checkpoint_is_named(config, tiny_checkpoints, tmp_path, damage, message):
+  import shutil  # pylint: disable=import-outside-toplevel
+  target = tmp_path / 'target'
+  shutil.copytree(tiny_checkpoints['target'], target)
+  if damage == 'truncate':
+    largest = max((p for p in (target / 'params').rglob('*') if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    with open(largest, 'r+b') as f:
+      f.truncate(100)
+  elif damage == 'json':
+    (target / 'model_config.json').write_text('{not json')
+  else:
+    (target / 'model_config.json').write_text('{"vocab_size": 259}')
+  config.model.path = str(target)
+  with pytest.raises(ValueError, match=message):
+    experiment.run(config, tmp_path / 'run')
 
 
 def test_spec_bench_prompts_use_first_turn(config, tmp_path):
@@ -136,8 +181,8 @@ def test_cli_unknown_field_is_one_line_error(tmp_path):
   result = launch('--config=configs/default.py', f'--workdir={tmp_path}',
                   '--config.decode.draft_lenght=3')
   assert result.returncode != 0
-  assert 'unknown config field' in result.stderr
-  assert 'draft_lenght' in result.stderr
+  assert "unknown config field 'draft_lenght' in ['--config.decode.draft_lenght']" in (
+      result.stderr)
   assert 'Traceback' not in result.stderr
 
 

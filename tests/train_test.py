@@ -26,6 +26,16 @@ def test_smoke_training_writes_checkpoints(tmp_path):
   assert checkpoint.load(tmp_path / 'draft').cfg.num_experts == 0
 
 
+def test_existing_workdir_rejected_before_training(tmp_path):
+  (tmp_path / 'target').mkdir()
+  result = subprocess.run(
+      [sys.executable, '-m', 'spac_jax.train', '--config=configs/train_embedded.py:smoke',
+       f'--workdir={tmp_path}'], cwd=default.REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert 'already exist; choose a new --workdir' in result.stderr
+  assert 'train target' not in result.stderr  # No training step ran.
+
+
 def test_corpus_split_is_disjoint_and_stable():
   files = corpus.stdlib_source_files()
   validation = [f for f in files if corpus.is_validation_file(f, 0.02)]

@@ -53,7 +53,16 @@ def load_config(directory: str | pathlib.Path) -> ModelConfig:
     raise FileNotFoundError(
         f'Checkpoint directory {directory} has no {CONFIG_FILE}. Point the config at a '
         'directory written by spac_jax.train (or spac_jax.models.checkpoint.save).')
-  return ModelConfig.from_dict(json.loads(config_path.read_text()))
+  try:
+    values = json.loads(config_path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f'{config_path} is not valid JSON ({error}).') from error
+  if not isinstance(values, dict):
+    raise ValueError(f'{config_path} must contain a JSON object of ModelConfig fields.')
+  try:
+    return ModelConfig.from_dict(values)
+  except TypeError as error:  # Missing required fields.
+    raise ValueError(f'{config_path} is incomplete: {error}.') from error
 
 
 def load(directory: str | pathlib.Path, sharding_fn: ShardingFn | None = None
@@ -78,8 +87,16 @@ def load(directory: str | pathlib.Path, sharding_fn: ShardingFn | None = None
 
   target = jax.tree_util.tree_map_with_path(
       lambda path, leaf: with_sharding(tuple(_key(p) for p in path), leaf), abstract_params)
-  with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(directory / PARAMS_DIR, target)
+  try:
+    with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(directory / PARAMS_DIR, target)
+  except Exception as error:  # orbax and tensorstore raise many types for a bad checkpoint.
+    text = str(error).strip()
+    first_line = text.splitlines()[0].split(' See full')[0][:200] if text else ''
+    raise ValueError(
+        f'Cannot restore parameters from {directory / PARAMS_DIR}: {type(error).__name__}: '
+        f'{first_line}. The folder is damaged or does not match {CONFIG_FILE}; rewrite it with '
+        'spac_jax.train or spac_jax.models.checkpoint.save.') from error
   params = jax.tree.map(_retype_memory_kind, params)
   nnx.replace_by_pure_dict(abstract_state, params)
   return nnx.merge(graphdef, abstract_state)
