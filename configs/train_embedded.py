@@ -1,6 +1,6 @@
 """Train the embedded target (MoE) and draft (dense) models on the standard library's source.
 
-Command (about 55 minutes on a 2-core CPU):
+Command (about 60 minutes on a 2-core CPU):
   python -m spac_jax.train --config=configs/train_embedded.py --workdir=runs/train_embedded
 
 The checkpoints shipped in checkpoints/embedded/ came from this config; its README records
