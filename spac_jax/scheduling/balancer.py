@@ -11,7 +11,7 @@ An expert is used when its predicted tokens are > 0. Every transfer counts again
 layer, so no transfer is assumed hidden behind earlier layers.
 TODO: a copy is charged in full to the next pass, never amortised over later passes that
 reuse the expert. With spare slots this keeps too few experts: on the embedded model at
-cache_ratio 1, spac reaches a hit rate of about 0.43 where LRU reaches about 0.79. The balancer minimises the sum
+cache_ratio 1 (20 HumanEval prompts), spac reaches a hit rate of 0.89 where LRU reaches 0.99. The balancer minimises the sum
 of layer times subject to: kept experts <= capacity (device slots over all layers) and newly
 copied experts <= transfer_budget.
 
