@@ -54,6 +54,8 @@ def _validate_spac(spac: ml_collections.ConfigDict) -> None:
   _require(isinstance(spac.transfer_budget, int) and spac.transfer_budget >= -1,
            f'config.spac.transfer_budget={spac.transfer_budget!r} is invalid; use -1 (the '
            'cache size) or a number of experts >= 0.')
+  _require(spac.transfer_amortization >= 1, f'config.spac.transfer_amortization='
+           f'{spac.transfer_amortization!r} is invalid; it must be >= 1 (passes a copy serves).')
   _require(spac.solver_time_limit_ms > 0, f'config.spac.solver_time_limit_ms='
            f'{spac.solver_time_limit_ms!r} is invalid; it must be > 0.')
   _require(spac.cost_model in COST_MODELS, f'config.spac.cost_model={spac.cost_model!r} is '

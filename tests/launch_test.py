@@ -60,6 +60,7 @@ def test_autoregressive_run_has_unit_accepted_length(config, tmp_path):
     ('spac.cost_model', 'guess', "cost_model='guess'"),
     ('spac.transfer_budget', -5, 'transfer_budget=-5'),
     ('spac.levels', 0, 'levels=0'),
+    ('spac.transfer_amortization', 0.5, 'transfer_amortization=0.5'),
 ])
 def test_invalid_field_is_named(config, tmp_path, field, value, message):
   section, name = field.split('.')

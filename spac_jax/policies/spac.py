@@ -13,6 +13,8 @@ level 0 afterwards (`after_layer`). Misses are computed on the CPU, never fetche
 critical path.
 """
 
+import dataclasses
+
 import ml_collections
 import numpy as np
 from absl import logging
@@ -31,6 +33,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.inertia = True  # Move a level at most one step per pass (off: jump to the target).
   config.calibration = True  # Normalise demand by window size, calibrate level boundaries.
   config.transfer_budget = -1  # Max experts prefetched per pass; -1 means the cache size.
+  # Passes a copied expert is expected to serve: the balancer charges transfer_ms divided by
+  # it. 1 charges every copy in full to the next pass.
+  config.transfer_amortization = 1.0
   config.solver_time_limit_ms = 20.0  # HiGHS time limit; past it the greedy plan is used.
   config.cost_model = 'profile'  # 'profile' (below) or 'measure' (timed at start-up here).
   config.profile = ml_collections.ConfigDict()  # Hardware the balancer plans for.
@@ -60,7 +65,9 @@ class SpacPolicy(CachePolicy):
         UtilityConfig(levels=config.levels, inertia=config.inertia,
                       calibration=config.calibration))
     self.cost = self._cost_model(config)
-    self.balancer = WorkloadBalancer(self.cost, config.levels,
+    planning_cost = dataclasses.replace(
+        self.cost, transfer_ms=self.cost.transfer_ms / config.transfer_amortization)
+    self.balancer = WorkloadBalancer(planning_cost, config.levels,
                                      time_limit_s=config.solver_time_limit_ms / 1e3)
     self.transfer_budget = (cache.num_slots if config.transfer_budget < 0 else
                             config.transfer_budget)
