@@ -165,6 +165,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   tokenizer = loading.load_tokenizer(config)
   speculative = config.decode.mode == 'speculative'
   target_model = loading.load_target(config)
+  if not target_model.cfg.is_moe:
+    raise validation.ConfigError(
+        f'config.model.path={config.model.path!r} is a dense model without routed experts; '
+        'the target must be an MoE checkpoint (a dense model can be the draft).')
   counts = target_model.cfg.param_counts()
   num_moe_layers = len(target_model.cfg.moe_layers)
   logging.info('Target %s: %d parameters, %d active per token, %d of %d layers MoE x %d '
@@ -190,11 +194,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   def make_target() -> OffloadedTarget:
     return OffloadedTarget(target_model, config.offload.policy, requested_slots, options)
 
-  def make_generator(target: OffloadedTarget | None) -> Generator:
-    return Generator(target, max_seq_len, tokenizer.eos_id, tokenizer.pad_id,
-                     config.data.max_new_tokens, draft,
+  def make_generator(target: OffloadedTarget | None, stop_at_eos: bool = True) -> Generator:
+    # The warm-up ignores EOS (-1 matches no token), so a first prompt that ends at once
+    # still compiles the decoding programs.
+    return Generator(target, max_seq_len, tokenizer.eos_id if stop_at_eos else -1,
+                     tokenizer.pad_id, config.data.max_new_tokens, draft,
                      config.decode.draft_len if speculative else 0,
-                     extra_eos_ids=tuple(getattr(tokenizer, 'eos_ids', ())[1:]))
+                     extra_eos_ids=(tuple(getattr(tokenizer, 'eos_ids', ())[1:])
+                                    if stop_at_eos else ()))
 
   # Warm-up on the first prompt compiles the common programs. The measured run then uses a
   # fresh target, with an empty cache and zero counters but the same compiled programs.
@@ -203,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     raise validation.ConfigError(
         f'config.data.max_new_tokens={config.data.max_new_tokens} plus config.decode.draft_len='
         f'{config.decode.draft_len} plus one verified token leave no room for a prompt in the '
-        f'{max_seq_len}-token context; lower max_new_tokens or draft_len.')
+        f'{max_seq_len}-token context of the models; lower max_new_tokens or draft_len.')
   if config.data.overlong_prompts == 'reject':
     for prompt in prompts:  # Reject before any work rather than midway through the run.
       prepare_prompt(prompt, tokenizer, max_prompt_len, 'reject')
@@ -211,7 +218,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
 
   warmup_started = time.perf_counter()
   warmup_target = make_target()
-  generator = make_generator(warmup_target)
+  generator = make_generator(warmup_target, stop_at_eos=False)
   try:
     generator.generate(prepare_prompt(prompts[0], tokenizer, generator.max_prompt_len(),
                                       'truncate')[0])

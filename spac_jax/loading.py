@@ -14,6 +14,7 @@ and length it was saved with.
 import pathlib
 
 import ml_collections
+import tokenizers
 
 from spac_jax.data.hf_tokenizer import HFTokenizer
 from spac_jax.data.tokenizer import ByteTokenizer
@@ -55,6 +56,8 @@ def load_draft(config: ml_collections.ConfigDict, target: Transformer) -> Transf
   else:
     draft = checkpoint.load(config.draft.path)
   check_draft_vocabulary(target, draft, config.model.path, config.draft.path)
+  if draft_format == 'hf' and checkpoint_format(config.model) == 'hf':
+    check_draft_tokenizer(config.model.path, config.draft.path)
   return draft
 
 
@@ -66,6 +69,23 @@ def check_draft_vocabulary(target: Transformer, draft: Transformer, target_path:
         f'Draft {draft_path} has a vocabulary of {draft.cfg.vocab_size} tokens but the target '
         f'{target_path} has {target.cfg.vocab_size}; speculative decoding needs a draft with '
         'the same tokenizer as the target.')
+
+
+def check_draft_tokenizer(target_path: str, draft_path: str) -> None:
+  """Raise ConfigError when both tokenizer.json files exist and map tokens differently."""
+  files = [pathlib.Path(path) / 'tokenizer.json' for path in (target_path, draft_path)]
+  if not all(file.is_file() for file in files):
+    return
+  vocabularies = []
+  for file in files:
+    try:
+      vocabularies.append(tokenizers.Tokenizer.from_file(str(file)).get_vocab())
+    except Exception as error:  # tokenizers raises a bare Exception for invalid files.
+      raise ConfigError(f'Cannot read tokenizer {file}: {error}.') from error
+  target_vocab, draft_vocab = vocabularies
+  if target_vocab != draft_vocab:
+    raise ConfigError(f'The draft tokenizer {files[1]} maps tokens differently from the target '
+                      f'tokenizer {files[0]}; speculative decoding needs the same tokenizer.')
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> ByteTokenizer | HFTokenizer:

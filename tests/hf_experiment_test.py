@@ -70,6 +70,23 @@ def test_tokenizer_chat_template(tmp_path):
   assert tokenizer.encode('w5 w9') == [0, 11, 5, 9, 20]
 
 
+def test_tokenizer_reads_chat_template_jinja(tmp_path):
+  hf_models.save_tokenizer(tmp_path, bos=True)
+  (tmp_path / 'config.json').write_text('{}')
+  (tmp_path / 'chat_template.jinja').write_text(
+      "{% for m in messages %}w12 {{ m['content'] }}{% endfor %}")
+  # The template writes every special token itself, so none is added around it.
+  assert HFTokenizer(tmp_path, chat_template='checkpoint').encode('w5') == [12, 5]
+
+
+def test_invalid_chat_template_names_file(tmp_path):
+  hf_models.save_tokenizer(tmp_path, bos=True)
+  (tmp_path / 'config.json').write_text('{}')
+  (tmp_path / 'chat_template.jinja').write_text('{% for m in messages %}{{ m }')
+  with pytest.raises(ValueError, match='chat_template.jinja is invalid'):
+    HFTokenizer(tmp_path, chat_template='checkpoint')
+
+
 def test_tokenizer_errors_name_file(tmp_path):
   (tmp_path / 'config.json').write_text('{}')
   with pytest.raises(FileNotFoundError, match='tokenizer.json not found'):
@@ -79,7 +96,8 @@ def test_tokenizer_errors_name_file(tmp_path):
   with pytest.raises(ValueError, match='sets no eos_token_id'):
     HFTokenizer(tmp_path)
   hf_models.save_tokenizer(tmp_path)
-  with pytest.raises(ValueError, match="needs a chat_template string in .*tokenizer_config"):
+  with pytest.raises(ValueError,
+                     match='chat_template.jinja or a chat_template string in .*tokenizer_config'):
     HFTokenizer(tmp_path, chat_template='checkpoint')
 
 
@@ -89,6 +107,31 @@ def test_truncation_without_bos_keeps_the_end(tmp_path):
   ids, truncated = experiment.prepare_prompt(Prompt('p', 'w3 w4 w5 w6 w7'), HFTokenizer(tmp_path),
                                              3, 'truncate')
   assert (ids, truncated) == ([5, 6, 7], True)
+
+
+def test_draft_with_other_tokenizer_is_rejected(config, checkpoints, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  draft = tmp_path / 'draft'
+  shutil.copytree(checkpoints['draft'], draft)
+  hf_models.save_tokenizer(draft, bos=False)
+  vocab = json.loads((draft / 'tokenizer.json').read_text())
+  words = vocab['model']['vocab']
+  words['w3'], words['w4'] = words['w4'], words['w3']  # Same size, different mapping.
+  (draft / 'tokenizer.json').write_text(json.dumps(vocab))
+  config.draft.path = str(draft)
+  with pytest.raises(validation.ConfigError, match='maps tokens differently'):
+    experiment.run(config, tmp_path / 'run')
+
+
+def test_dense_target_is_rejected(config, checkpoints, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  dense = tmp_path / 'dense'
+  shutil.copytree(checkpoints['draft'], dense)
+  hf_models.save_tokenizer(dense, bos=False)
+  config.model.path = str(dense)
+  config.decode.mode = 'autoregressive'
+  with pytest.raises(validation.ConfigError, match='is a dense model without routed experts'):
+    experiment.run(config, tmp_path / 'run')
 
 
 def test_format_detection(checkpoints, tiny_checkpoints):

@@ -17,6 +17,7 @@ from spac_jax.models import hf_config
 
 TOKENIZER_FILE = 'tokenizer.json'
 TOKENIZER_CONFIG_FILE = 'tokenizer_config.json'
+CHAT_TEMPLATE_FILE = 'chat_template.jinja'
 CHAT_TEMPLATES = ('', 'checkpoint')
 
 
@@ -64,11 +65,17 @@ class HFTokenizer:
                        f'{list(CHAT_TEMPLATES)}.')
     if not chat_template:
       return None
-    path = directory / TOKENIZER_CONFIG_FILE
-    template = hf_config.read_json(path).get('chat_template') if path.is_file() else None
+    # transformers 5 saves the template as chat_template.jinja; older versions put it in
+    # tokenizer_config.json.
+    path = directory / CHAT_TEMPLATE_FILE
+    template = path.read_text(encoding='utf-8') if path.is_file() else None
+    if template is None:
+      path = directory / TOKENIZER_CONFIG_FILE
+      template = hf_config.read_json(path).get('chat_template') if path.is_file() else None
     if not isinstance(template, str):
-      raise ValueError(f"chat_template='checkpoint' needs a chat_template string in {path}; "
-                       "use chat_template='' to encode prompts as is.")
+      raise ValueError(f"chat_template='checkpoint' needs {directory / CHAT_TEMPLATE_FILE} or "
+                       f'a chat_template string in {path}; use '
+                       "chat_template='' to encode prompts as is.")
     import jinja2.sandbox  # pylint: disable=import-outside-toplevel
 
     def raise_exception(message):
@@ -78,7 +85,11 @@ class HFTokenizer:
                                                                lstrip_blocks=True)
     environment.globals['raise_exception'] = raise_exception
     environment.filters['tojson'] = json.dumps
-    return environment.from_string(template)
+    try:
+      return environment.from_string(template)
+    except jinja2.TemplateSyntaxError as error:
+      raise ValueError(f'The chat template in {path} is invalid: {error} (line '
+                       f'{error.lineno}).') from error
 
   def token_text(self, token_id: int | None) -> str:
     return '' if token_id is None else (self.tokenizer.id_to_token(token_id) or '')
