@@ -229,11 +229,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   target = make_target()
   generator = make_generator(target)
   logging.info('Policy %s, %d of %d experts fit the device cache (%.1f MiB); mode %s, '
-               'draft_len %d; %d prompts from %s; warm-up %.1f s.', config.offload.policy,
-               target.cache.num_slots, total_experts,
-               target.cache.num_slots * target.store.bytes_per_expert / 2**20,
-               config.decode.mode, generator.draft_len, len(prompts), config.data.source,
-               warmup_s)
+               'draft_len %d; context %d tokens (prompts up to %d); %d prompts from %s; '
+               'warm-up %.1f s.', config.offload.policy, target.cache.num_slots,
+               total_experts, target.cache.num_slots * target.store.bytes_per_expert / 2**20,
+               config.decode.mode, generator.draft_len, max_seq_len, max_prompt_len,
+               len(prompts), config.data.source, warmup_s)
 
   try:
     generations, truncated, compile_timer = _generate_all(prompts, generator, tokenizer,
