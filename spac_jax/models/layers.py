@@ -46,7 +46,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
   return rotated.astype(x.dtype)
 
 
-def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = False) -> nnx.Linear:
+def linear(d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = False) -> nnx.Linear:
+  """Build a dense projection, without a bias unless asked."""
   return nnx.Linear(d_in, d_out, use_bias=use_bias, rngs=rngs)
 
 
@@ -66,10 +67,10 @@ class Attention(nnx.Module):
     self.qk_norm = cfg.qk_norm
     self.clip_qkv = cfg.clip_qkv
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    self.q_proj = _linear(cfg.d_model, q_size, rngs, cfg.qkv_bias)
-    self.k_proj = _linear(cfg.d_model, kv_size, rngs, cfg.qkv_bias)
-    self.v_proj = _linear(cfg.d_model, kv_size, rngs, cfg.qkv_bias)
-    self.o_proj = _linear(q_size, cfg.d_model, rngs, cfg.o_bias)
+    self.q_proj = linear(cfg.d_model, q_size, rngs, cfg.qkv_bias)
+    self.k_proj = linear(cfg.d_model, kv_size, rngs, cfg.qkv_bias)
+    self.v_proj = linear(cfg.d_model, kv_size, rngs, cfg.qkv_bias)
+    self.o_proj = linear(q_size, cfg.d_model, rngs, cfg.o_bias)
     if cfg.qk_norm == 'none':
       self.q_norm = self.k_norm = None
     else:
@@ -149,9 +150,9 @@ class DenseMLP(nnx.Module):
   """Dense SwiGLU MLP of hidden size `hidden_dim` (dense layers and shared experts)."""
 
   def __init__(self, d_model: int, hidden_dim: int, rngs: nnx.Rngs):
-    self.gate_proj = _linear(d_model, hidden_dim, rngs)
-    self.up_proj = _linear(d_model, hidden_dim, rngs)
-    self.down_proj = _linear(hidden_dim, d_model, rngs)
+    self.gate_proj = linear(d_model, hidden_dim, rngs)
+    self.up_proj = linear(d_model, hidden_dim, rngs)
+    self.down_proj = linear(hidden_dim, d_model, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

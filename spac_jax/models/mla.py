@@ -24,6 +24,7 @@ from flax import nnx
 
 from spac_jax.models import rope
 from spac_jax.models.config import ModelConfig
+from spac_jax.models.layers import linear
 
 # transformers' DeepseekV2Attention builds q_a_layernorm and kv_a_layernorm without passing
 # rms_norm_eps (transformers 5.25.0), so they use its RMSNorm default of 1e-6.
@@ -60,10 +61,6 @@ def apply_rope_interleaved(x: jax.Array, positions: jax.Array, theta: float,
   return rotated.reshape(x.shape).astype(x.dtype)
 
 
-def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = False) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=use_bias, rngs=rngs)
-
-
 class LatentAttention(nnx.Module):
   """DeepSeek-V2 multi-head latent attention; module names follow the checkpoint's."""
 
@@ -81,18 +78,18 @@ class LatentAttention(nnx.Module):
     q_size = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.head_dim)
     if cfg.q_lora_rank:
       self.q_proj = None
-      self.q_a_proj = _linear(cfg.d_model, cfg.q_lora_rank, rngs, cfg.qkv_bias)
+      self.q_a_proj = linear(cfg.d_model, cfg.q_lora_rank, rngs, cfg.qkv_bias)
       self.q_a_layernorm = nnx.RMSNorm(cfg.q_lora_rank, epsilon=LATENT_NORM_EPS, rngs=rngs)
-      self.q_b_proj = _linear(cfg.q_lora_rank, q_size, rngs)
+      self.q_b_proj = linear(cfg.q_lora_rank, q_size, rngs)
     else:
-      self.q_proj = _linear(cfg.d_model, q_size, rngs)
+      self.q_proj = linear(cfg.d_model, q_size, rngs)
       self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
-    self.kv_a_proj_with_mqa = _linear(cfg.d_model, cfg.kv_lora_rank + cfg.head_dim, rngs,
+    self.kv_a_proj_with_mqa = linear(cfg.d_model, cfg.kv_lora_rank + cfg.head_dim, rngs,
                                       cfg.qkv_bias)
     self.kv_a_layernorm = nnx.RMSNorm(cfg.kv_lora_rank, epsilon=LATENT_NORM_EPS, rngs=rngs)
-    self.kv_b_proj = _linear(cfg.kv_lora_rank,
+    self.kv_b_proj = linear(cfg.kv_lora_rank,
                              cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), rngs)
-    self.o_proj = _linear(cfg.num_heads * cfg.v_head_dim, cfg.d_model, rngs, cfg.o_bias)
+    self.o_proj = linear(cfg.num_heads * cfg.v_head_dim, cfg.d_model, rngs, cfg.o_bias)
 
   def _queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """[B, T, H, Dn + Dr] queries with the rotary part rotated."""
