@@ -12,7 +12,7 @@ class ScriptedModel:
   """A model whose next token is a hash of every cached token up to the query position.
 
   It keeps its own cache of tokens by position, exactly like a KV cache: a generation loop
-  that forgets to roll back, or feeds a token at the wrong position, changes later
+  that fails to roll back, or feeds a token at the wrong position, changes later
   predictions, so its output diverges from autoregressive decoding.
   """
 

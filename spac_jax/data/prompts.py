@@ -79,7 +79,7 @@ def _to_prompt(record, where: str, default_id: str) -> Prompt:
 
 
 def load_prompts(source: str, num_prompts: int, path: str | None = None) -> list[Prompt]:
-  """The first `num_prompts` prompts of a source (all of them if num_prompts <= 0)."""
+  """Return the first `num_prompts` prompts of a source (all of them if num_prompts <= 0)."""
   if source == 'humaneval':
     prompts = read_jsonl(humaneval_path())
   elif source == 'spec_bench':

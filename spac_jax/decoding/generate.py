@@ -70,7 +70,7 @@ class Generator:
     return self.draft is not None
 
   def max_prompt_len(self) -> int:
-    """Longest prompt that leaves room for max_new_tokens plus one verification window."""
+    """Return the maximum prompt length that leaves room for max_new_tokens and one window."""
     return self.max_seq_len - self.max_new_tokens - self.draft_len - 1
 
   def _prefill(self, model: GreedyModel, prompt: list[int]) -> int:

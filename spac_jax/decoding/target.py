@@ -8,8 +8,8 @@ One forward pass over a window of W tokens:
      (computed on the CPU from pinned_host weights). Both kernels are dispatched before
      either is awaited, so the runtime may overlap them, and a jitted join adds both
      partial outputs to the residual stream. Then `after_layer`.
-     NOTE: the CPU backend showed no overlap (kernels of 122.8 and 114.6 ms took 232.5 ms
-     dispatched together, both using the 2 cores); overlap on a GPU is unverified.
+     NOTE: the CPU backend showed no overlap. Kernels of 122.8 and 114.6 ms took 232.5 ms
+     dispatched together, both using the 2 cores. Overlap on a GPU is unverified.
      A layer without routed experts (dense-first layers, `mlp_only_layers`) runs attention and
      its dense MLP in one jitted call on the device. The cache and the policy never see it.
   3. Final norm and LM head (device); greedy token per position.

@@ -137,7 +137,7 @@ class ModelConfig:
     return self.num_experts > 0
 
   def is_moe_layer(self, layer: int) -> bool:
-    """Whether model layer `layer` has routed experts (the Hugging Face layer rule)."""
+    """Return whether model layer `layer` has routed experts (the Hugging Face layer rule)."""
     return (self.is_moe and layer >= self.first_dense_layers
             and (layer + 1) % self.moe_layer_step == 0 and layer not in self.dense_layers)
 

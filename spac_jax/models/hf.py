@@ -10,8 +10,8 @@ Loading streams one tensor at a time with `safetensors.safe_open`:
   2. For every non-expert parameter: read its tensor, check the shape, transpose Linear
      weights from [out, in] to [in, out], cast to the compute dtype and place it on the
      device.
-  3. For every MoE layer and each of gate, up and down: preallocate one buffer of the whole
-     stack ([E, D, F], or [E, F, D] for down), fill it expert by expert and place it in
+  3. For every MoE layer and each of gate, up and down, preallocate one buffer of the whole
+     stack ([E, D, F], or [E, F, D] for down). Fill it expert by expert, then place it in
      pinned_host (or on the device when `experts_on_host` is False). The buffer is freed
      before the next stack, so loading needs about one stack beyond the loaded model.
   4. Every tensor of the checkpoint must be used. A leftover one means an architecture option

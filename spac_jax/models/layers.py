@@ -103,8 +103,8 @@ class Attention(nnx.Module):
     """Attend causally.
 
     Without a cache the T tokens attend to each other (training). With a cache their keys
-    and values are written at `start` and they attend to every cached position up to their
-    own; positions past them hold stale values from rolled-back windows and are masked.
+    and values are written at `start`, and they attend to every cached position up to their
+    own. Positions past them contain stale values from rolled-back windows and are masked.
 
     Args:
       x: [B, T, D] normalised hidden states.

@@ -10,7 +10,7 @@ max(device side, CPU side) under the cost model:
 An expert is used when its predicted tokens are > 0. Every transfer counts against its own
 layer, so no transfer is assumed hidden behind earlier layers.
 TODO: a copy is charged in full to the next pass unless the caller divides transfer_ms by a
-fixed reuse estimate (`config.spac.transfer_amortization`); an estimate from each expert's
+fixed reuse estimate (`config.spac.transfer_amortization`). An estimate from each expert's
 utility history is missing. With spare slots the default keeps too few experts: on the
 embedded model at cache_ratio 1 (20 HumanEval prompts), spac reaches a hit rate of 0.89
 where LRU reaches 0.99. The balancer minimises the sum

@@ -10,7 +10,7 @@ One utility space drives both directions:
     candidates for eviction until the next utility update raises them again.
   * Staleness: when a layer starts computing, its pending requests are dropped (too late).
 
-Invariants (checked by the stress test): the cache never holds more experts than slots, a
+Invariants (checked by the stress test): the cache never contains more experts than slots, a
 frozen expert is never evicted, and a slot's weights are always those of its recorded owner.
 """
 
@@ -51,7 +51,7 @@ class PrefetchEngine:
   dispatches each copy under the lock, which is cheap because JAX dispatch is asynchronous.
   The copy completes in the background. A layer that needs a copied expert waits for it in
   `start_layer`, and that wait is counted as transfer stall. A read of the cache dispatched before a copy
-  donates the cache arrays still sees the old buffer: the runtime orders the two.
+  donates the cache arrays still reads the old buffer, because the runtime orders the two.
   """
 
   def __init__(self, cache: ExpertCache, num_levels: int, num_layers: int,

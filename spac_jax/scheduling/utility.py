@@ -254,8 +254,8 @@ class UtilityEstimator:
                             np.cumsum(self._histogram, axis=1)], axis=1)  # [L, bins + 1]
     # Lowest bin with at least the quantile's share of samples strictly below it. Bin `bins`
     # (past the last) means no frequency reaches that level.
-    wanted = quantiles[None, :] * samples[:, None] - _QUANTILE_TOLERANCE  # [L, K - 1]
-    first_bin = np.sum(below[:, None, :] < wanted[:, :, None], axis=2)  # [L, K - 1]
+    target_counts = quantiles[None, :] * samples[:, None] - _QUANTILE_TOLERANCE  # [L, K - 1]
+    first_bin = np.sum(below[:, None, :] < target_counts[:, :, None], axis=2)  # [L, K - 1]
     edges = np.where(first_bin < bins, first_bin / bins, np.inf)
 
     edges = np.concatenate([np.full((self.num_layers, 1), np.finfo(np.float64).tiny), edges],
